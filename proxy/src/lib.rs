@@ -1,0 +1,7 @@
+//! Eastwall: an mTLS, identity-aware sidecar that stands in front of PostgreSQL.
+//!
+//! # Layout
+//! - [`cli`]: the `eastwall` verbs, one module each.
+#![forbid(unsafe_code)]
+
+pub mod cli;

@@ -1,0 +1,53 @@
+//! The `eastwall` binary: parses the command line and hands each verb to `eastwall::cli`.
+#![forbid(unsafe_code)]
+
+use clap::{Parser, Subcommand};
+use eastwall::cli;
+
+/// Eastwall: an mTLS, identity-aware sidecar for PostgreSQL that admits only the flows a
+/// deny-by-default policy names.
+#[derive(Debug, Parser)]
+#[command(name = "eastwall", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The small CA: init, issue, bundle, revoke.
+    Ca(cli::ca::Args),
+    /// Lay out a complete, working sidecar in a folder.
+    Quickstart(cli::quickstart::Args),
+    /// Run the sidecar.
+    Proxy(cli::proxy::Args),
+    /// Check a policy, or explain a decision.
+    Policy(cli::policy::Args),
+    /// Enroll, list and remove human operators' TOTP secrets; fetch a step-up token.
+    Mfa(cli::mfa::Args),
+    /// Verify the decision log's hash chain.
+    Audit(cli::audit::Args),
+    /// Play the lateral-movement story against a private PostgreSQL, in one command.
+    Demo(cli::demo::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Ca(args) => cli::ca::run(args),
+        Command::Quickstart(args) => cli::quickstart::run(args),
+        Command::Proxy(args) => cli::proxy::run(args),
+        Command::Policy(args) => cli::policy::run(args),
+        Command::Mfa(args) => cli::mfa::run(args),
+        Command::Audit(args) => cli::audit::run(args),
+        Command::Demo(args) => cli::demo::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            // One line a user can act on: the causes joined, never a backtrace.
+            eprintln!("eastwall: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,2 @@
+//! Shared helpers for the end-to-end suite.
+#![forbid(unsafe_code)]
