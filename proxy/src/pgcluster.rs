@@ -1,0 +1,1 @@
+//! Private PostgreSQL clusters for the test suite and `eastwall demo`: initdb + pg_ctl in a temp dir.
