@@ -4,6 +4,7 @@
 //! - [`cli`]: the `eastwall` verbs, one module each.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod cli;
 pub mod mfa;
 pub mod pgcluster;
