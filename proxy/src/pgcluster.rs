@@ -342,6 +342,8 @@ impl Cluster {
         fs::set_permissions(cluster.root.path(), fs::Permissions::from_mode(0o755)).map_err(
             ClusterError::io("cannot set permissions on the cluster temp dir"),
         )?;
+        // initdb (running as the server user) creates data/ in here.
+        cluster.give_to_server(cluster.root.path())?;
         cluster.make_dir(&cluster.socket_dir.clone(), 0o700)?;
         cluster.initdb(opts.superuser_password.as_deref())?;
         cluster.write_hba(&opts.hba)?;
