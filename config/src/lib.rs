@@ -1,2 +1,27 @@
 //! Sidecar settings and the policy language: files a security team writes, turned into values.
+//!
+//! # Layout
+//! - [`settings`]: `eastwall.toml`, every key documented with its default; [`Config::load`].
+//! - [`policy`]: the policy language (grammar and meaning documented there), compiled at load.
+//! - [`pattern`]: SPIFFE ID patterns (`*` one segment, `**` one or more) behind segments and groups.
+//! - [`decision`]: [`authorize`] and [`explain`], pure evaluation of one request.
+//! - [`secret`]: where the upstream password comes from, and a value that never prints.
+//! - [`error`]: [`ConfigError`], whose messages name file, line and key.
 #![forbid(unsafe_code)]
+
+pub mod decision;
+pub mod error;
+pub mod pattern;
+pub mod policy;
+pub mod secret;
+pub mod settings;
+
+pub use decision::{authorize, explain, Decision, Request, Verdict};
+pub use error::ConfigError;
+pub use pattern::{IdPattern, PatternError};
+pub use policy::{Policy, PolicyError, RuleCounts, RuleKind, RuleRef};
+pub use secret::{PasswordSource, Secret};
+pub use settings::{
+    AuditSettings, Config, Limits, ListenSettings, MfaSettings, Settings, UpstreamLogin,
+    UpstreamSettings, UpstreamTarget,
+};

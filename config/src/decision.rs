@@ -1,0 +1,393 @@
+//! Policy evaluation: a pure function from a compiled policy and one request to a decision
+//! that says why (see the `policy` module for what the rules mean).
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use eastwall_ca::spiffe::SpiffeId;
+
+use crate::policy::{Policy, Rule, RuleKind, RuleRef, Selector};
+
+/// One connection attempt, in policy terms.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// The verified SPIFFE ID from the client's SVID.
+    pub id: &'a SpiffeId,
+    /// Where the connection came from; logged, not matched (rules match identities).
+    pub source: IpAddr,
+    /// The segment being reached: the one this sidecar guards.
+    pub segment: &'a str,
+    /// The port in policy terms (the sidecar's `service_port`).
+    pub port: u16,
+    /// The database role asked for in the startup message.
+    pub user: &'a str,
+    /// The database asked for.
+    pub database: &'a str,
+    /// Whether a fresh MFA assertion (TOTP code or step-up token) came with the request.
+    pub mfa_fresh: bool,
+}
+
+/// What to do with the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    Allow,
+    Deny,
+    /// Admitted once a fresh MFA assertion is presented.
+    Challenge,
+}
+
+impl Verdict {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+            Verdict::Challenge => "challenge",
+        }
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The outcome of [`authorize`], with the reason a person can read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    /// The rule that decided; `None` for the default deny.
+    pub rule: Option<RuleRef>,
+    pub reason: String,
+    /// Set by a `deny (and alert)` rule.
+    pub alert: bool,
+    /// The granted role was named by an `as:` line, which is what lets a superuser role in.
+    pub role_named_by_rule: bool,
+    /// The group whose `mfa(..)` requirement applies to this identity on this flow.
+    pub mfa_group: Option<String>,
+}
+
+/// Decides one request. Pure and allocation-light: a handful of comparisons per rule.
+pub fn authorize(policy: &Policy, req: &Request) -> Decision {
+    evaluate(policy, req, None)
+}
+
+/// Decides one request and says, rule by rule, what matched and what did not.
+pub fn explain(policy: &Policy, req: &Request) -> (Decision, Vec<String>) {
+    let mut trace = Vec::new();
+    let segments = policy.segments_of(req.id);
+    let groups = policy.groups_of(req.id);
+    trace.push(format!(
+        "identity {} is in segments [{}] and groups [{}]",
+        req.id,
+        quoted(&segments),
+        quoted(&groups)
+    ));
+    trace.push(format!(
+        "request: role {:?}, database {:?}, to segment {:?} port {}, from {}, fresh MFA: {}",
+        req.user,
+        req.database,
+        req.segment,
+        req.port,
+        req.source,
+        if req.mfa_fresh { "yes" } else { "no" }
+    ));
+    let decision = evaluate(policy, req, Some(&mut trace));
+    (decision, trace)
+}
+
+fn quoted(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| format!("{n:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn from_matches(policy: &Policy, rule: &Rule, id: &SpiffeId) -> bool {
+    rule.from.iter().any(|sel| match sel {
+        Selector::Segment(i) => policy.segments.get(*i).is_some_and(|s| s.contains(id)),
+        Selector::Group(i) => policy.groups.get(*i).is_some_and(|s| s.contains(id)),
+        Selector::Identity(x) => x == id,
+    })
+}
+
+fn to_matches(rule: &Rule, req: &Request) -> bool {
+    rule.to
+        .iter()
+        .any(|t| &*t.segment == req.segment && t.port.is_none_or(|p| p == req.port))
+}
+
+fn describe_from(policy: &Policy, rule: &Rule) -> String {
+    rule.from
+        .iter()
+        .map(|sel| match sel {
+            Selector::Segment(i) => format!(
+                "segment({:?})",
+                policy.segments.get(*i).map(|s| &*s.name).unwrap_or("?")
+            ),
+            Selector::Group(i) => format!(
+                "group({:?})",
+                policy.groups.get(*i).map(|s| &*s.name).unwrap_or("?")
+            ),
+            Selector::Identity(id) => format!("identity({:?})", id.as_str()),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn describe_to(rule: &Rule) -> String {
+    rule.to
+        .iter()
+        .map(|t| match t.port {
+            Some(p) => format!("segment({:?}):{p}", &*t.segment),
+            None => format!("segment({:?})", &*t.segment),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn names(list: &[Box<str>]) -> String {
+    list.iter()
+        .map(|n| format!("{:?}", &**n))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The first group named by the rule's `mfa(..)` that contains the identity.
+fn mfa_group_for<'p>(policy: &'p Policy, rule: &Rule, id: &SpiffeId) -> Option<&'p str> {
+    rule.mfa
+        .iter()
+        .filter_map(|&g| policy.groups.get(g))
+        .find(|set| set.contains(id))
+        .map(|set| &*set.name)
+}
+
+fn evaluate(policy: &Policy, req: &Request, mut trace: Option<&mut Vec<String>>) -> Decision {
+    // Denies first: one that applies wins whatever the allows say.
+    for rule in &policy.denies {
+        let from = from_matches(policy, rule, req.id);
+        let to = from && to_matches(rule, req);
+        let role = rule.roles.is_empty() || rule.roles.iter().any(|r| &**r == req.user);
+        let db = rule.databases.is_empty() || rule.databases.iter().any(|d| &**d == req.database);
+        let applies = from && to && role && db;
+        if let Some(t) = trace.as_deref_mut() {
+            t.push(trace_deny(policy, rule, req, from, to, role, db));
+        }
+        if applies {
+            let alert = rule.kind == RuleKind::DenyAndAlert;
+            return Decision {
+                verdict: Verdict::Deny,
+                rule: Some(rule.at.clone()),
+                reason: format!(
+                    "{} rule {} forbids {} reaching segment {:?}",
+                    rule.kind.as_str(),
+                    rule.at,
+                    req.id,
+                    req.segment
+                ),
+                alert,
+                role_named_by_rule: false,
+                mfa_group: None,
+            };
+        }
+    }
+
+    // Allows: collect every rule that grants, so that an `mfa(..)` on any of them holds.
+    let mut granted: Option<&Rule> = None;
+    let mut role_named = false;
+    let mut mfa: Option<(&Rule, &str)> = None;
+    let mut near_miss: Option<(&Rule, String)> = None;
+    for rule in &policy.allows {
+        let from = from_matches(policy, rule, req.id);
+        let to = from && to_matches(rule, req);
+        if !(from && to) {
+            if let Some(t) = trace.as_deref_mut() {
+                t.push(trace_allow_miss(policy, rule, req, from));
+            }
+            continue;
+        }
+        let named = rule.roles.iter().any(|r| &**r == req.user);
+        let role_ok = if rule.roles.is_empty() {
+            req.user == req.id.last_segment()
+        } else {
+            named
+        };
+        let db_ok =
+            rule.databases.is_empty() || rule.databases.iter().any(|d| &**d == req.database);
+        if !role_ok || !db_ok {
+            let why = if !role_ok {
+                if rule.roles.is_empty() {
+                    format!(
+                        "not as role {:?}: without an `as:` line it grants only role {:?}, the last segment of the SPIFFE ID",
+                        req.user,
+                        req.id.last_segment()
+                    )
+                } else {
+                    format!(
+                        "not as role {:?}: it grants roles {}",
+                        req.user,
+                        names(&rule.roles)
+                    )
+                }
+            } else {
+                format!(
+                    "not database {:?}: it grants databases {}",
+                    req.database,
+                    names(&rule.databases)
+                )
+            };
+            if let Some(t) = trace.as_deref_mut() {
+                t.push(format!(
+                    "{} allow: from and to match, but {why}",
+                    rule.at
+                ));
+            }
+            if near_miss.is_none() {
+                near_miss = Some((rule, why));
+            }
+            continue;
+        }
+        let group = mfa_group_for(policy, rule, req.id);
+        if let Some(t) = trace.as_deref_mut() {
+            let mut line = format!(
+                "{} allow: grants role {:?} on database {:?}{}",
+                rule.at,
+                req.user,
+                req.database,
+                if named { " (named by `as:`)" } else { " (the identity's own role)" }
+            );
+            if let Some(g) = group {
+                let _ = write!(
+                    line,
+                    "; requires mfa({g}) for this identity: {}",
+                    if req.mfa_fresh { "fresh assertion present" } else { "no fresh assertion" }
+                );
+            }
+            t.push(line);
+        }
+        if named && !granted.is_some_and(|g| g.roles.iter().any(|r| &**r == req.user)) {
+            // Prefer citing the rule that named the role, since that is what lets it in.
+            granted = Some(rule);
+        } else if granted.is_none() {
+            granted = Some(rule);
+        }
+        role_named |= named;
+        if let (None, Some(g)) = (mfa, group) {
+            mfa = Some((rule, g));
+        }
+    }
+
+    if let Some(rule) = granted {
+        if let Some((mfa_rule, group)) = mfa {
+            if !req.mfa_fresh {
+                return Decision {
+                    verdict: Verdict::Challenge,
+                    rule: Some(mfa_rule.at.clone()),
+                    reason: format!(
+                        "mfa_required: {} is in group {group:?}, which rule {} requires to present a fresh MFA assertion",
+                        req.id, mfa_rule.at
+                    ),
+                    alert: false,
+                    role_named_by_rule: role_named,
+                    mfa_group: Some(group.to_owned()),
+                };
+            }
+        }
+        return Decision {
+            verdict: Verdict::Allow,
+            rule: Some(rule.at.clone()),
+            reason: format!(
+                "allow rule {} grants role {:?} on database {:?}",
+                rule.at, req.user, req.database
+            ),
+            alert: false,
+            role_named_by_rule: role_named,
+            mfa_group: mfa.map(|(_, g)| g.to_owned()),
+        };
+    }
+    if let Some((rule, why)) = near_miss {
+        return Decision {
+            verdict: Verdict::Deny,
+            rule: Some(rule.at.clone()),
+            reason: format!("allow rule {} admits {} to segment {:?}, but {why}", rule.at, req.id, req.segment),
+            alert: false,
+            role_named_by_rule: false,
+            mfa_group: None,
+        };
+    }
+    if let Some(t) = trace.as_deref_mut() {
+        t.push("no allow rule applies: default action DENY".to_owned());
+    }
+    Decision {
+        verdict: Verdict::Deny,
+        rule: None,
+        reason: "no allow rule names this flow (default action DENY)".to_owned(),
+        alert: false,
+        role_named_by_rule: false,
+        mfa_group: None,
+    }
+}
+
+fn trace_deny(
+    policy: &Policy,
+    rule: &Rule,
+    req: &Request,
+    from: bool,
+    to: bool,
+    role: bool,
+    db: bool,
+) -> String {
+    let head = format!("{} {}:", rule.at, rule.kind.as_str());
+    if !from {
+        return format!(
+            "{head} does not apply: identity is not named by from: {}",
+            describe_from(policy, rule)
+        );
+    }
+    if !to {
+        return format!(
+            "{head} does not apply: segment {:?} port {} is not named by to: {}",
+            req.segment,
+            req.port,
+            describe_to(rule)
+        );
+    }
+    if !role {
+        return format!(
+            "{head} does not apply: it names roles {}, not {:?}",
+            names(&rule.roles),
+            req.user
+        );
+    }
+    if !db {
+        return format!(
+            "{head} does not apply: it names databases {}, not {:?}",
+            names(&rule.databases),
+            req.database
+        );
+    }
+    format!(
+        "{head} APPLIES: from {} to {} matches; a deny wins over any allow",
+        describe_from(policy, rule),
+        describe_to(rule)
+    )
+}
+
+fn trace_allow_miss(policy: &Policy, rule: &Rule, req: &Request, from: bool) -> String {
+    if !from {
+        format!(
+            "{} allow: does not apply: identity is not named by from: {}",
+            rule.at,
+            describe_from(policy, rule)
+        )
+    } else {
+        format!(
+            "{} allow: does not apply: segment {:?} port {} is not named by to: {}",
+            rule.at,
+            req.segment,
+            req.port,
+            describe_to(rule)
+        )
+    }
+}

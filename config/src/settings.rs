@@ -1,0 +1,777 @@
+//! Sidecar settings: `eastwall.toml`, read strictly and checked as a whole before anything runs.
+//!
+//! # Keys
+//!
+//! Relative paths resolve against the folder that holds eastwall.toml. Durations are written
+//! as `"5s"`, `"15m"`, `"1h 30m"`. Unknown keys are errors.
+//!
+//! ```toml
+//! trust_domain = "corp.example"   # required: the SPIFFE trust domain of every identity
+//! guards = "db"                   # required: the segment this sidecar guards (defined below)
+//! service_port = 5432             # the port policy `to:` lines mean; independent of [listen]
+//!
+//! [listen]                        # required
+//! address = "0.0.0.0:5432"        # required: where clients connect
+//! cert = "certs/proxy.pem"        # required: the proxy's server certificate chain
+//! key = "certs/proxy.key"         # required: its private key
+//! client_ca = "ca/bundle.pem"     # required: the trust bundle client SVIDs must chain to
+//! crl = "ca/crl.pem"              # optional: revoked client certificates
+//!
+//! [upstream]                      # required; exactly one of address / socket_dir
+//! address = "127.0.0.1:5433"      # PostgreSQL over TCP, host:port ([v6]:port)
+//! socket_dir = "/var/run/postgresql"  # or over a Unix socket in this folder ...
+//! port = 5432                     # ... with this port number (socket_dir only; default 5432)
+//! login = "trust"                 # required: "trust" | "password" | "cert"
+//! password_file = "upstream.pw"   # password: a file holding the roles' password, or
+//! password_env = "EASTWALL_UPSTREAM_PASSWORD"  # password: an environment variable
+//! cert_dir = "upstream-certs"     # cert: <role>.pem + <role>.key per role (CN = role)
+//! ca = "upstream-ca.pem"          # cert: the CA that signs PostgreSQL's server certificate
+//! server_name = "db.internal"     # cert: name to verify on it (default: the address host)
+//! connect_timeout = "5s"
+//! allow_plaintext_remote = false  # trust/password logins to a non-loopback host are refused
+//!                                 # unless this is true: they would cross the network in clear
+//!
+//! [segments]                      # name = [SPIFFE ID patterns]; see the pattern module
+//! app = ["spiffe://corp.example/app/**"]
+//!
+//! [groups]                        # name = [SPIFFE ID patterns]
+//! human_operators = ["spiffe://corp.example/app/operators/*"]
+//!
+//! [policy]
+//! file = "policy.ew"              # default "policy.ew"
+//!
+//! [mfa]
+//! secrets = "mfa/secrets.json"    # default: enrolled TOTP secrets
+//! max_age = "5m"                  # default 5m: how long an MFA assertion stays fresh
+//! stepup_listen = "127.0.0.1:8443"  # optional: the HTTPS step-up endpoint; none if absent
+//! token_key = "mfa/token.key"     # default: key that signs step-up tokens
+//! max_session = "8h"              # optional: end MFA-admitted sessions after this long
+//! max_failures = 20               # default 20 wrong codes per identity per window
+//! failure_window = "15m"          # default 15m
+//!
+//! [audit]
+//! path = "decisions.log"          # default "decisions.log": the hash-chained decision log
+//!
+//! [limits]
+//! startup_timeout = "30s"         # default 30s: TLS + startup + MFA must finish within it
+//! max_connections = 1000          # default 1000
+//! cancels_per_second = 10         # default 10 cancel requests per source address
+//! idle_timeout = "1h"             # optional: close sessions idle this long
+//! ```
+//!
+//! Loading checks syntax and consistency and reads the policy file; certificate, key and
+//! secret files are read by the parts that use them, which report their own errors.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use eastwall_ca::spiffe::TrustDomain;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::error::ConfigError;
+use crate::pattern::IdPattern;
+use crate::policy::Policy;
+use crate::secret::PasswordSource;
+
+/// A loaded, validated configuration: settings plus the compiled policy they name.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub settings: Settings,
+    pub policy: Policy,
+}
+
+impl Config {
+    /// Reads eastwall.toml and the policy file it names, and validates both.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let settings = Settings::load(path)?;
+        let text = std::fs::read_to_string(&settings.policy_file).map_err(|source| {
+            ConfigError::Read {
+                path: settings.policy_file.clone(),
+                source,
+            }
+        })?;
+        let policy = Policy::parse_in(
+            &settings.policy_label,
+            &text,
+            &settings.segments,
+            &settings.groups,
+            Some(&settings.trust_domain),
+        )
+        .map_err(ConfigError::Policy)?;
+        Ok(Config { settings, policy })
+    }
+}
+
+/// The sidecar's settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The config file these came from.
+    pub path: PathBuf,
+    pub trust_domain: TrustDomain,
+    /// The segment this sidecar guards; always defined in `segments`.
+    pub guards: String,
+    /// The port policy `to:` lines mean for this sidecar.
+    pub service_port: u16,
+    pub listen: ListenSettings,
+    pub upstream: UpstreamSettings,
+    pub mfa: MfaSettings,
+    pub audit: AuditSettings,
+    pub limits: Limits,
+    pub segments: BTreeMap<String, Vec<String>>,
+    pub groups: BTreeMap<String, Vec<String>>,
+    /// The policy file, resolved.
+    pub policy_file: PathBuf,
+    /// The policy file as written in eastwall.toml, which decisions and errors cite.
+    pub policy_label: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenSettings {
+    pub address: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+    pub crl: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamSettings {
+    pub target: UpstreamTarget,
+    pub login: UpstreamLogin,
+    pub connect_timeout: Duration,
+    pub allow_plaintext_remote: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamTarget {
+    Tcp { host: String, port: u16 },
+    Unix { dir: PathBuf, port: u16 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamLogin {
+    Trust,
+    /// SCRAM-SHA-256 with this secret for the upstream roles.
+    Password { user_secrets: PasswordSource },
+    /// TLS client certificate `cert_dir/<role>.pem` + `<role>.key`, CN = role.
+    Cert {
+        cert_dir: PathBuf,
+        ca: PathBuf,
+        server_name: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MfaSettings {
+    pub secrets: PathBuf,
+    pub max_age: Duration,
+    pub stepup_listen: Option<SocketAddr>,
+    pub token_key: PathBuf,
+    pub max_session: Option<Duration>,
+    pub max_failures: u32,
+    pub failure_window: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditSettings {
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    pub startup_timeout: Duration,
+    pub max_connections: usize,
+    pub cancels_per_second: u32,
+    pub idle_timeout: Option<Duration>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file as written
+
+type Str = Spanned<String>;
+type Named = BTreeMap<Spanned<String>, Spanned<Vec<Str>>>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    trust_domain: Str,
+    guards: Str,
+    service_port: Option<Spanned<i64>>,
+    listen: RawListen,
+    upstream: RawUpstream,
+    #[serde(default)]
+    segments: Named,
+    #[serde(default)]
+    groups: Named,
+    policy: Option<RawPolicy>,
+    mfa: Option<RawMfa>,
+    audit: Option<RawAudit>,
+    limits: Option<RawLimits>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListen {
+    address: Str,
+    cert: Str,
+    key: Str,
+    client_ca: Str,
+    crl: Option<Str>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    address: Option<Str>,
+    socket_dir: Option<Str>,
+    port: Option<Spanned<i64>>,
+    login: Str,
+    password_file: Option<Str>,
+    password_env: Option<Str>,
+    /// Accepted only to refuse it with a message that says why.
+    password: Option<Spanned<toml::Value>>,
+    cert_dir: Option<Str>,
+    ca: Option<Str>,
+    server_name: Option<Str>,
+    connect_timeout: Option<Str>,
+    allow_plaintext_remote: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    file: Option<Str>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMfa {
+    secrets: Option<Str>,
+    max_age: Option<Str>,
+    stepup_listen: Option<Str>,
+    token_key: Option<Str>,
+    max_session: Option<Str>,
+    max_failures: Option<Spanned<i64>>,
+    failure_window: Option<Str>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    path: Option<Str>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    startup_timeout: Option<Str>,
+    max_connections: Option<Spanned<i64>>,
+    cancels_per_second: Option<Spanned<i64>>,
+    idle_timeout: Option<Str>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation
+
+/// Converts a byte offset in `text` to a 1-based line and column (in characters).
+pub(crate) fn line_col(text: &str, offset: usize) -> (u32, u32) {
+    let bytes = text.as_bytes();
+    let offset = offset.min(bytes.len());
+    let before = &bytes[..offset];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let line_start = before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    // Count characters, not bytes: skip UTF-8 continuation bytes.
+    let col = before[line_start..]
+        .iter()
+        .filter(|&&b| b & 0xC0 != 0x80)
+        .count()
+        + 1;
+    (
+        u32::try_from(line).unwrap_or(u32::MAX),
+        u32::try_from(col).unwrap_or(u32::MAX),
+    )
+}
+
+struct Checker<'a> {
+    file: &'a Path,
+    text: &'a str,
+    dir: PathBuf,
+    problems: Vec<ConfigError>,
+}
+
+impl Checker<'_> {
+    fn invalid(&mut self, span: Range<usize>, key: &str, message: impl Into<String>) {
+        let (line, col) = line_col(self.text, span.start);
+        self.problems.push(ConfigError::Invalid {
+            file: self.file.to_path_buf(),
+            line,
+            col,
+            key: key.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    fn path(&mut self, key: &str, value: &Str) -> PathBuf {
+        if value.get_ref().is_empty() {
+            self.invalid(value.span(), key, "expected a file path, found an empty string");
+        }
+        self.dir.join(value.get_ref())
+    }
+
+    fn path_or(&mut self, key: &str, value: Option<&Str>, default: &str) -> PathBuf {
+        match value {
+            Some(v) => self.path(key, v),
+            None => self.dir.join(default),
+        }
+    }
+
+    fn duration(&mut self, key: &str, value: Option<&Str>, default: Duration) -> Duration {
+        self.opt_duration(key, value).unwrap_or(default)
+    }
+
+    fn opt_duration(&mut self, key: &str, value: Option<&Str>) -> Option<Duration> {
+        let v = value?;
+        match humantime::parse_duration(v.get_ref()) {
+            Ok(d) if !d.is_zero() => Some(d),
+            Ok(_) => {
+                self.invalid(v.span(), key, "expected a duration above zero, such as \"5s\" or \"15m\"");
+                None
+            }
+            Err(e) => {
+                self.invalid(
+                    v.span(),
+                    key,
+                    format!("expected a duration such as \"5s\", \"15m\" or \"1h\": {e}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn int<T: TryFrom<i64>>(&mut self, key: &str, value: Option<&Spanned<i64>>, default: T, min: i64, max: i64) -> T {
+        let Some(v) = value else { return default };
+        let n = *v.get_ref();
+        match T::try_from(n) {
+            Ok(t) if (min..=max).contains(&n) => t,
+            _ => {
+                self.invalid(v.span(), key, format!("expected a whole number from {min} to {max}, found {n}"));
+                default
+            }
+        }
+    }
+
+    fn socket_addr(&mut self, key: &str, value: &Str) -> Option<SocketAddr> {
+        match value.get_ref().parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.invalid(
+                    value.span(),
+                    key,
+                    format!(
+                        "expected an IP address and port such as \"127.0.0.1:5432\" or \"[::1]:5432\", found {:?}",
+                        value.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn named_sets(&mut self, table: &str, raw: &Named, td: Option<&TrustDomain>) -> BTreeMap<String, Vec<String>> {
+        let mut out = BTreeMap::new();
+        for (name, patterns) in raw {
+            let key = format!("{table}.{}", name.get_ref());
+            let valid_name = !name.get_ref().is_empty()
+                && name
+                    .get_ref()
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !valid_name {
+                self.invalid(
+                    name.span(),
+                    &key,
+                    "expected a name of letters, digits, '_' and '-' (policy files refer to it by this name)",
+                );
+            }
+            if patterns.get_ref().is_empty() {
+                self.invalid(
+                    patterns.span(),
+                    &key,
+                    "expected at least one SPIFFE ID pattern, e.g. [\"spiffe://corp.example/app/**\"]",
+                );
+            }
+            for p in patterns.get_ref() {
+                if let Err(e) = IdPattern::parse(p.get_ref(), td) {
+                    self.invalid(p.span(), &key, e.to_string());
+                }
+            }
+            out.insert(
+                name.get_ref().clone(),
+                patterns.get_ref().iter().map(|p| p.get_ref().clone()).collect(),
+            );
+        }
+        out
+    }
+}
+
+/// Splits `host:port` / `[v6]:port`.
+fn split_host_port(s: &str) -> Option<(String, u16)> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        (host, after.strip_prefix(':')?)
+    } else {
+        let (host, port) = s.rsplit_once(':')?;
+        if host.contains(':') {
+            return None;
+        }
+        (host, port)
+    };
+    let port: u16 = port.parse().ok()?;
+    if host.is_empty() || port == 0 {
+        return None;
+    }
+    Some((host.to_owned(), port))
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost") || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+impl Settings {
+    /// Reads and validates eastwall.toml (not the policy file; see [`Config::load`]).
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(path, &text)
+    }
+
+    /// Validates settings already read from `path`.
+    pub fn from_toml(path: &Path, text: &str) -> Result<Settings, ConfigError> {
+        let raw: RawFile = toml::from_str(text).map_err(|e| {
+            let (line, col) = line_col(text, e.span().map_or(0, |s| s.start));
+            ConfigError::Syntax {
+                file: path.to_path_buf(),
+                line,
+                col,
+                message: e.message().trim_end().to_owned(),
+            }
+        })?;
+        let dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let mut c = Checker {
+            file: path,
+            text,
+            dir,
+            problems: Vec::new(),
+        };
+
+        let trust_domain = match TrustDomain::parse(raw.trust_domain.get_ref()) {
+            Ok(td) => Some(td),
+            Err(e) => {
+                c.invalid(
+                    raw.trust_domain.span(),
+                    "trust_domain",
+                    format!("expected a trust domain name such as \"corp.example\": {e}"),
+                );
+                None
+            }
+        };
+        let segments = c.named_sets("segments", &raw.segments, trust_domain.as_ref());
+        let groups = c.named_sets("groups", &raw.groups, trust_domain.as_ref());
+        if raw.segments.is_empty() {
+            c.invalid(
+                raw.guards.span(),
+                "segments",
+                "expected a [segments] table defining at least the segment named by `guards`",
+            );
+        } else if !segments.contains_key(raw.guards.get_ref()) {
+            let defined: Vec<String> = segments.keys().map(|k| format!("{k:?}")).collect();
+            c.invalid(
+                raw.guards.span(),
+                "guards",
+                format!(
+                    "expected the name of a segment defined in [segments] ({}), found {:?}",
+                    defined.join(", "),
+                    raw.guards.get_ref()
+                ),
+            );
+        }
+        let service_port = c.int("service_port", raw.service_port.as_ref(), 5432u16, 1, 65535);
+
+        let listen_address = c.socket_addr("listen.address", &raw.listen.address);
+        let listen = ListenSettings {
+            address: listen_address.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 5432))),
+            cert: c.path("listen.cert", &raw.listen.cert),
+            key: c.path("listen.key", &raw.listen.key),
+            client_ca: c.path("listen.client_ca", &raw.listen.client_ca),
+            crl: raw.listen.crl.as_ref().map(|v| c.path("listen.crl", v)),
+        };
+
+        let upstream = check_upstream(&mut c, &raw.upstream);
+
+        let policy_value = raw.policy.as_ref().and_then(|p| p.file.as_ref());
+        let policy_file = c.path_or("policy.file", policy_value, "policy.ew");
+        let policy_label = policy_value.map_or_else(|| "policy.ew".to_owned(), |v| v.get_ref().clone());
+
+        let m = raw.mfa.as_ref();
+        let mfa = MfaSettings {
+            secrets: c.path_or("mfa.secrets", m.and_then(|m| m.secrets.as_ref()), "mfa/secrets.json"),
+            max_age: c.duration("mfa.max_age", m.and_then(|m| m.max_age.as_ref()), Duration::from_secs(300)),
+            stepup_listen: m
+                .and_then(|m| m.stepup_listen.as_ref())
+                .and_then(|v| c.socket_addr("mfa.stepup_listen", v)),
+            token_key: c.path_or("mfa.token_key", m.and_then(|m| m.token_key.as_ref()), "mfa/token.key"),
+            max_session: c.opt_duration("mfa.max_session", m.and_then(|m| m.max_session.as_ref())),
+            max_failures: c.int("mfa.max_failures", m.and_then(|m| m.max_failures.as_ref()), 20u32, 1, 1_000_000),
+            failure_window: c.duration(
+                "mfa.failure_window",
+                m.and_then(|m| m.failure_window.as_ref()),
+                Duration::from_secs(900),
+            ),
+        };
+        let audit = AuditSettings {
+            path: c.path_or(
+                "audit.path",
+                raw.audit.as_ref().and_then(|a| a.path.as_ref()),
+                "decisions.log",
+            ),
+        };
+        let l = raw.limits.as_ref();
+        let limits = Limits {
+            startup_timeout: c.duration(
+                "limits.startup_timeout",
+                l.and_then(|l| l.startup_timeout.as_ref()),
+                Duration::from_secs(30),
+            ),
+            max_connections: c.int(
+                "limits.max_connections",
+                l.and_then(|l| l.max_connections.as_ref()),
+                1000usize,
+                1,
+                1_000_000,
+            ),
+            cancels_per_second: c.int(
+                "limits.cancels_per_second",
+                l.and_then(|l| l.cancels_per_second.as_ref()),
+                10u32,
+                1,
+                1_000_000,
+            ),
+            idle_timeout: c.opt_duration("limits.idle_timeout", l.and_then(|l| l.idle_timeout.as_ref())),
+        };
+
+        match (trust_domain, listen_address, upstream) {
+            (Some(trust_domain), Some(_), Some(upstream)) if c.problems.is_empty() => Ok(Settings {
+                path: path.to_path_buf(),
+                trust_domain,
+                guards: raw.guards.into_inner(),
+                service_port,
+                listen,
+                upstream,
+                mfa,
+                audit,
+                limits,
+                segments,
+                groups,
+                policy_file,
+                policy_label,
+            }),
+            _ => Err(ConfigError::Many(c.problems)),
+        }
+    }
+}
+
+fn check_upstream(c: &mut Checker<'_>, u: &RawUpstream) -> Option<UpstreamSettings> {
+    let problems_before = c.problems.len();
+    if let Some(pw) = &u.password {
+        c.invalid(
+            pw.span(),
+            "upstream.password",
+            "a literal password does not belong in eastwall.toml (config files end up in backups, tickets and version control); use password_file = \"path\" or password_env = \"VARIABLE\"",
+        );
+    }
+    let target = match (&u.address, &u.socket_dir) {
+        (Some(a), None) => {
+            if let Some(p) = &u.port {
+                c.invalid(
+                    p.span(),
+                    "upstream.port",
+                    "expected no `port` with `address`: the port is part of the address (\"host:port\")",
+                );
+            }
+            match split_host_port(a.get_ref()) {
+                Some((host, port)) => Some((UpstreamTarget::Tcp { host, port }, a)),
+                None => {
+                    c.invalid(
+                        a.span(),
+                        "upstream.address",
+                        format!(
+                            "expected host:port such as \"127.0.0.1:5433\", \"db.internal:5432\" or \"[::1]:5433\", found {:?}",
+                            a.get_ref()
+                        ),
+                    );
+                    None
+                }
+            }
+        }
+        (None, Some(d)) => {
+            let dir = c.path("upstream.socket_dir", d);
+            let port = c.int("upstream.port", u.port.as_ref(), 5432u16, 1, 65535);
+            Some((UpstreamTarget::Unix { dir, port }, d))
+        }
+        (Some(a), Some(_)) => {
+            c.invalid(
+                a.span(),
+                "upstream.address",
+                "expected either `address` (TCP) or `socket_dir` (Unix socket), not both",
+            );
+            None
+        }
+        (None, None) => {
+            c.invalid(
+                u.login.span(),
+                "upstream",
+                "expected `address = \"host:port\"` (TCP) or `socket_dir = \"/var/run/postgresql\"` (Unix socket)",
+            );
+            None
+        }
+    };
+
+    // Keys that belong to another login mode are errors: a stray password_file under
+    // login = "cert" means the author believes something that is not true.
+    let mode = u.login.get_ref().as_str();
+    let stray = |c: &mut Checker<'_>, key: &str, v: &Option<Str>, needs: &str| {
+        if let Some(v) = v {
+            c.invalid(
+                v.span(),
+                &format!("upstream.{key}"),
+                format!("expected no `{key}` with login = {mode:?}; it applies only to login = {needs:?}"),
+            );
+        }
+    };
+    let login = match mode {
+        "trust" => {
+            stray(c, "password_file", &u.password_file, "password");
+            stray(c, "password_env", &u.password_env, "password");
+            stray(c, "cert_dir", &u.cert_dir, "cert");
+            stray(c, "ca", &u.ca, "cert");
+            stray(c, "server_name", &u.server_name, "cert");
+            Some(UpstreamLogin::Trust)
+        }
+        "password" => {
+            stray(c, "cert_dir", &u.cert_dir, "cert");
+            stray(c, "ca", &u.ca, "cert");
+            stray(c, "server_name", &u.server_name, "cert");
+            match (&u.password_file, &u.password_env) {
+                (Some(f), None) => Some(UpstreamLogin::Password {
+                    user_secrets: PasswordSource::File(c.path("upstream.password_file", f)),
+                }),
+                (None, Some(e)) => {
+                    if e.get_ref().is_empty() {
+                        c.invalid(e.span(), "upstream.password_env", "expected an environment variable name");
+                    }
+                    Some(UpstreamLogin::Password {
+                        user_secrets: PasswordSource::Env(e.get_ref().clone()),
+                    })
+                }
+                (Some(f), Some(_)) => {
+                    c.invalid(
+                        f.span(),
+                        "upstream.password_file",
+                        "expected either password_file or password_env, not both",
+                    );
+                    None
+                }
+                (None, None) => {
+                    c.invalid(
+                        u.login.span(),
+                        "upstream.login",
+                        "login = \"password\" expects password_file = \"path\" or password_env = \"VARIABLE\"",
+                    );
+                    None
+                }
+            }
+        }
+        "cert" => {
+            stray(c, "password_file", &u.password_file, "password");
+            stray(c, "password_env", &u.password_env, "password");
+            let host = match &target {
+                Some((UpstreamTarget::Tcp { host, .. }, _)) => Some(host.clone()),
+                Some((UpstreamTarget::Unix { .. }, at)) => {
+                    c.invalid(
+                        at.span(),
+                        "upstream.socket_dir",
+                        "login = \"cert\" needs TLS, which PostgreSQL does not offer over Unix sockets; use address = \"host:port\"",
+                    );
+                    None
+                }
+                None => None,
+            };
+            let cert_dir = u.cert_dir.as_ref().map(|v| c.path("upstream.cert_dir", v));
+            let ca = u.ca.as_ref().map(|v| c.path("upstream.ca", v));
+            for (key, present) in [("cert_dir", cert_dir.is_some()), ("ca", ca.is_some())] {
+                if !present {
+                    c.invalid(
+                        u.login.span(),
+                        "upstream.login",
+                        format!("login = \"cert\" expects `{key}` in [upstream]"),
+                    );
+                }
+            }
+            let server_name = u.server_name.as_ref().map(|v| v.get_ref().clone()).or(host);
+            match (cert_dir, ca, server_name) {
+                (Some(cert_dir), Some(ca), Some(server_name)) => Some(UpstreamLogin::Cert {
+                    cert_dir,
+                    ca,
+                    server_name,
+                }),
+                _ => None,
+            }
+        }
+        other => {
+            c.invalid(
+                u.login.span(),
+                "upstream.login",
+                format!("expected \"trust\", \"password\" or \"cert\", found {other:?}"),
+            );
+            None
+        }
+    };
+
+    let allow_plaintext_remote = u.allow_plaintext_remote.unwrap_or(false);
+    if let (Some((UpstreamTarget::Tcp { host, .. }, at)), Some(UpstreamLogin::Trust | UpstreamLogin::Password { .. })) =
+        (&target, &login)
+    {
+        if !allow_plaintext_remote && !is_loopback_host(host) {
+            c.invalid(
+                at.span(),
+                "upstream.address",
+                format!(
+                    "refusing a plaintext login = {mode:?} to non-loopback host {host:?}: use login = \"cert\" (TLS), a loopback address or socket_dir, or set allow_plaintext_remote = true if the path is protected otherwise"
+                ),
+            );
+        }
+    }
+    let connect_timeout = c.duration(
+        "upstream.connect_timeout",
+        u.connect_timeout.as_ref(),
+        Duration::from_secs(5),
+    );
+    if c.problems.len() != problems_before {
+        return None;
+    }
+    Some(UpstreamSettings {
+        target: target?.0,
+        login: login?,
+        connect_timeout,
+        allow_plaintext_remote,
+    })
+}
