@@ -65,3 +65,67 @@ pub fn issue_flawed(ca: &Ca, req: &IssueRequest, flaw: Flaw) -> Result<IssuedCer
     let key_pem = key.serialize_pem();
     ca.sign_leaf(plan, req, &key, Some(key_pem))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spiffe::{SpiffeId, TrustDomain};
+    use x509_parser::prelude::{FromDer, X509Certificate};
+
+    fn leaf_der(issued: &IssuedCert) -> Vec<u8> {
+        x509_parser::pem::Pem::iter_from_buffer(issued.cert_pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap()
+            .contents
+    }
+
+    #[test]
+    fn each_flaw_is_really_in_the_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::parse("corp.example").unwrap();
+        let ca = Ca::init(
+            dir.path(),
+            &td,
+            std::time::Duration::from_secs(86400),
+            false,
+        )
+        .unwrap();
+        let req = IssueRequest::new(SpiffeId::parse("spiffe://corp.example/app/x").unwrap());
+        let uris = |der: &[u8]| -> Vec<String> {
+            let (_, c) = X509Certificate::from_der(der).unwrap();
+            c.subject_alternative_name()
+                .unwrap()
+                .unwrap()
+                .value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let der = leaf_der(&issue_flawed(&ca, &req, Flaw::TwoUriSans).unwrap());
+        assert_eq!(uris(&der).len(), 2);
+        let der = leaf_der(&issue_flawed(&ca, &req, Flaw::NoUriSan).unwrap());
+        assert!(uris(&der).is_empty());
+        let der = leaf_der(&issue_flawed(&ca, &req, Flaw::NonSpiffeUri).unwrap());
+        assert_eq!(uris(&der), ["https://corp.example/app/x"]);
+        let der = leaf_der(&issue_flawed(&ca, &req, Flaw::ForeignTrustDomain).unwrap());
+        assert_eq!(uris(&der), ["spiffe://evil.example/app/x"]);
+
+        let der = leaf_der(&issue_flawed(&ca, &req, Flaw::CaTrue).unwrap());
+        let (_, c) = X509Certificate::from_der(&der).unwrap();
+        assert!(c.is_ca());
+        let der = leaf_der(&issue_flawed(&ca, &req, Flaw::KeyCertSign).unwrap());
+        let (_, c) = X509Certificate::from_der(&der).unwrap();
+        assert!(c.key_usage().unwrap().unwrap().value.key_cert_sign());
+        let der = leaf_der(&issue_flawed(&ca, &req, Flaw::ServerAuthOnly).unwrap());
+        let (_, c) = X509Certificate::from_der(&der).unwrap();
+        let eku = c.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && !eku.client_auth);
+
+        assert_eq!(ca.records().unwrap().len(), 7);
+    }
+}
