@@ -1,1 +1,381 @@
-//! The HTTPS step-up endpoint: a TOTP code in, a short-lived step-up token out.
+//! The HTTPS step-up endpoint: an operator's TOTP code in, a short-lived step-up token out,
+//! over the same mTLS client-identity rules as the PostgreSQL port. Also the client side that
+//! `eastwall mfa login` (and tests) use to fetch a token.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use eastwall_ca::SpiffeId;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use hyper::{Method, Request, Response, StatusCode, Uri};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls_pki_types::ServerName;
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::mfa::{MfaOutcome, Verifier};
+
+/// The one route the endpoint serves.
+pub const STEPUP_PATH: &str = "/v1/stepup";
+/// Largest request body accepted; a `{"code":"123456"}` is 17 bytes.
+pub const MAX_BODY: usize = 1024;
+/// Time allowed for the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed for one whole connection, handshake included; slow clients are cut off.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections served at once; more wait in the kernel's accept queue.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Largest response body the client reads.
+const MAX_RESPONSE: usize = 64 * 1024;
+
+/// Maps a finished TLS handshake to the client's identity and the SHA-256 of its leaf
+/// certificate (DER). The proxy supplies this with its SVID checks; an `Err` is a refusal
+/// (HTTP 403) whose text is shown to the client.
+pub type Identify =
+    Arc<dyn Fn(&rustls::ServerConnection) -> Result<(SpiffeId, [u8; 32]), String> + Send + Sync>;
+
+/// Records a decision (the proxy's audit log). An `Err` means it could not be recorded, and a
+/// token is then not handed out: decisions that cannot be logged are refused.
+pub type OnDecision = Arc<dyn Fn(&StepUpEvent) -> Result<(), String> + Send + Sync>;
+
+/// One step-up attempt, for the decision log.
+#[derive(Debug, Clone)]
+pub struct StepUpEvent {
+    pub id: SpiffeId,
+    pub cert_sha256: [u8; 32],
+    pub source: SocketAddr,
+    pub outcome: MfaOutcome,
+    /// When the issued token expires, for accepted attempts.
+    pub token_expires_at: Option<SystemTime>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StepUpRequest {
+    code: String,
+}
+
+/// The 200 response body.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StepUpResponse {
+    pub token: String,
+    /// RFC 3339, UTC.
+    pub expires_at: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ErrorBody {
+    error: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+}
+
+struct Shared {
+    verifier: Arc<Verifier>,
+    on_decision: OnDecision,
+}
+
+/// Serves the step-up endpoint on `listener` until the task is dropped. Never returns and never
+/// panics on client input; errors end only the connection they happened on.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    verifier: Arc<Verifier>,
+    identify: Identify,
+    on_decision: OnDecision,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let shared = Arc::new(Shared {
+        verifier,
+        on_decision,
+    });
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        // Wait for a free slot before accepting, so a flood queues in the kernel instead of
+        // growing our memory.
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (tcp, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(err) => {
+                // EMFILE and friends: back off rather than spin.
+                tracing::warn!(error = %err, "step-up endpoint: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let identify = identify.clone();
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let served = tokio::time::timeout(
+                CONNECTION_TIMEOUT,
+                serve_connection(tcp, peer, acceptor, identify, shared),
+            )
+            .await;
+            if served.is_err() {
+                tracing::debug!(peer = %peer, "step-up endpoint: connection timed out");
+            }
+        });
+    }
+}
+
+async fn serve_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    identify: Identify,
+    shared: Arc<Shared>,
+) {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(err)) => {
+            tracing::debug!(peer = %peer, error = %err, "step-up endpoint: TLS handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    let who = Arc::new(identify(tls.get_ref().1));
+    let service = hyper::service::service_fn(move |req| {
+        let shared = shared.clone();
+        let who = who.clone();
+        async move { Ok::<_, Infallible>(respond(req, &shared, &who, peer).await) }
+    });
+    let result = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HANDSHAKE_TIMEOUT)
+        .max_buf_size(16 * 1024)
+        .serve_connection(TokioIo::new(tls), service)
+        .await;
+    if let Err(err) = result {
+        tracing::debug!(peer = %peer, error = %err, "step-up endpoint: HTTP error");
+    }
+}
+
+fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn error(status: StatusCode, error: &str, detail: Option<String>) -> Response<Full<Bytes>> {
+    json_response(
+        status,
+        &ErrorBody {
+            error: error.to_owned(),
+            detail,
+        },
+    )
+}
+
+async fn respond(
+    req: Request<Incoming>,
+    shared: &Shared,
+    who: &Result<(SpiffeId, [u8; 32]), String>,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
+    if req.uri().path() != STEPUP_PATH {
+        return error(StatusCode::NOT_FOUND, "not_found", None);
+    }
+    if req.method() != Method::POST {
+        let mut resp = error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None);
+        resp.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("POST"));
+        return resp;
+    }
+    let (id, cert_sha256) = match who {
+        Ok(who) => who,
+        Err(why) => return error(StatusCode::FORBIDDEN, "identity", Some(why.clone())),
+    };
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > MAX_BODY as u64) {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", None);
+    }
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => {
+            return error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", None)
+        }
+        Err(_) => return error(StatusCode::BAD_REQUEST, "bad_request", None),
+    };
+    let Ok(request) = serde_json::from_slice::<StepUpRequest>(&body) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            Some(r#"expected a JSON body {"code":"123456"}"#.to_owned()),
+        );
+    };
+    let now = SystemTime::now();
+    let outcome = shared
+        .verifier
+        .check_code(id, peer.ip(), &request.code, now);
+    let token = outcome
+        .is_accepted()
+        .then(|| shared.verifier.issue_token(id, cert_sha256, now));
+    let event = StepUpEvent {
+        id: id.clone(),
+        cert_sha256: *cert_sha256,
+        source: peer,
+        outcome,
+        token_expires_at: token.as_ref().map(|t| t.expires_at),
+    };
+    if let Err(why) = (shared.on_decision)(&event) {
+        tracing::error!(error = %why, "step-up endpoint: decision not recorded; refusing");
+        return error(StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable", None);
+    }
+    match (outcome, token) {
+        (MfaOutcome::Accepted { .. }, Some(token)) => json_response(
+            StatusCode::OK,
+            &StepUpResponse {
+                expires_at: token.expires_at_rfc3339(),
+                token: token.value,
+            },
+        ),
+        (MfaOutcome::LockedOut { .. }, _) => error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "locked_out",
+            Some("too many failed MFA attempts; wait and try again".to_owned()),
+        ),
+        (outcome, _) => error(StatusCode::UNAUTHORIZED, outcome.reason(), None),
+    }
+}
+
+/// Why fetching a step-up token failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StepUpError {
+    #[error("{0}: the URL must look like https://HOST:PORT/v1/stepup")]
+    BadUrl(String),
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS with {addr} failed: {source}")]
+    Tls {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP with {addr} failed: {source}")]
+    Http {
+        addr: String,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("the step-up endpoint did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("step-up refused ({status}): {error}{}", detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
+    Refused {
+        status: u16,
+        error: String,
+        detail: Option<String>,
+    },
+    #[error("the step-up endpoint sent a response we cannot read ({0})")]
+    BadResponse(String),
+}
+
+/// Asks the step-up endpoint at `url` for a token, presenting the client certificate in `tls`.
+pub async fn fetch_token(
+    url: &str,
+    tls: Arc<rustls::ClientConfig>,
+    code: &str,
+    timeout: Duration,
+) -> Result<StepUpResponse, StepUpError> {
+    tokio::time::timeout(timeout, fetch_token_inner(url, tls, code))
+        .await
+        .map_err(|_| StepUpError::Timeout(timeout))?
+}
+
+async fn fetch_token_inner(
+    url: &str,
+    tls: Arc<rustls::ClientConfig>,
+    code: &str,
+) -> Result<StepUpResponse, StepUpError> {
+    let bad_url = || StepUpError::BadUrl(url.to_owned());
+    let uri: Uri = url.parse().map_err(|_| bad_url())?;
+    if uri.scheme_str() != Some("https") {
+        return Err(bad_url());
+    }
+    let host = uri.host().ok_or_else(bad_url)?;
+    let port = uri.port_u16().unwrap_or(443);
+    let bare_host = host.trim_start_matches('[').trim_end_matches(']');
+    let server_name = match bare_host.parse::<IpAddr>() {
+        Ok(ip) => ServerName::IpAddress(ip.into()),
+        Err(_) => ServerName::try_from(bare_host.to_owned()).map_err(|_| bad_url())?,
+    };
+    let addr = format!("{host}:{port}");
+    let tcp = TcpStream::connect((bare_host, port))
+        .await
+        .map_err(|source| StepUpError::Connect {
+            addr: addr.clone(),
+            source,
+        })?;
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(server_name, tcp)
+        .await
+        .map_err(|source| StepUpError::Tls {
+            addr: addr.clone(),
+            source,
+        })?;
+    let http_err = |source| StepUpError::Http {
+        addr: addr.clone(),
+        source,
+    };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(http_err)?;
+    let driver = tokio::spawn(conn);
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .filter(|p| !p.is_empty())
+        .unwrap_or(STEPUP_PATH)
+        .to_owned();
+    let body = serde_json::json!({ "code": code }).to_string();
+    let mut req = Request::new(Full::new(Bytes::from(body)));
+    *req.method_mut() = Method::POST;
+    *req.uri_mut() = path.parse().map_err(|_| bad_url())?;
+    let host_header = HeaderValue::from_str(&addr).map_err(|_| bad_url())?;
+    req.headers_mut().insert(HOST, host_header);
+    req.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let resp = sender.send_request(req).await.map_err(http_err)?;
+    let status = resp.status();
+    let body = Limited::new(resp.into_body(), MAX_RESPONSE)
+        .collect()
+        .await
+        .map_err(|e| StepUpError::BadResponse(e.to_string()))?
+        .to_bytes();
+    driver.abort();
+    if status == StatusCode::OK {
+        return serde_json::from_slice(&body).map_err(|e| StepUpError::BadResponse(e.to_string()));
+    }
+    let (error, detail) = match serde_json::from_slice::<ErrorBody>(&body) {
+        Ok(b) => (b.error, b.detail),
+        Err(_) => (
+            status.canonical_reason().unwrap_or("error").to_owned(),
+            None,
+        ),
+    };
+    Err(StepUpError::Refused {
+        status: status.as_u16(),
+        error,
+        detail,
+    })
+}
