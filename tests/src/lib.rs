@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
+use eastwall_ca::{Ca, IssueRequest, SpiffeId, TrustDomain};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_postgres::config::SslMode;
@@ -81,6 +82,105 @@ pub struct Identity {
     pub cert_path: PathBuf,
     /// Where `key_pem` is on disk (mode 0600).
     pub key_path: PathBuf,
+}
+
+/// A throwaway CA of ours in a temp dir; issues identities for servers and clients.
+pub struct TestPki {
+    ca: Ca,
+    trust_domain: TrustDomain,
+    dir: tempfile::TempDir,
+}
+
+impl TestPki {
+    /// `eastwall ca init` in a fresh temp dir for `trust_domain` (e.g. `corp.example`).
+    pub fn new(trust_domain: &str) -> anyhow::Result<TestPki> {
+        let dir = tempfile::Builder::new()
+            .prefix("eastwall-pki-")
+            .tempdir()
+            .context("creating a temp dir for the test CA")?;
+        let trust_domain = TrustDomain::parse(trust_domain)?;
+        let ca = Ca::init(
+            &dir.path().join("ca"),
+            &trust_domain,
+            Duration::from_secs(24 * 3600),
+            false,
+        )?;
+        Ok(TestPki {
+            ca,
+            trust_domain,
+            dir,
+        })
+    }
+
+    /// The CA directory (`ca.pem`, `ca.key`, `crl.pem` …).
+    pub fn ca_dir(&self) -> &std::path::Path {
+        self.ca.dir()
+    }
+
+    /// The trust bundle, PEM.
+    pub fn ca_pem(&self) -> String {
+        self.ca.bundle_pem().to_owned()
+    }
+
+    /// The underlying CA, for tests that revoke or inspect.
+    pub fn ca(&self) -> &Ca {
+        &self.ca
+    }
+
+    /// `spiffe://<trust domain>/<path>`.
+    pub fn spiffe_id(&self, path: &str) -> anyhow::Result<SpiffeId> {
+        Ok(SpiffeId::parse(&format!(
+            "spiffe://{}/{}",
+            self.trust_domain.as_str(),
+            path.trim_start_matches('/')
+        ))?)
+    }
+
+    /// Issues and writes `<tmp>/<name>.pem` + `.key`, as `eastwall ca issue --out` does.
+    pub fn issue(&self, name: &str, request: &IssueRequest) -> anyhow::Result<Identity> {
+        let issued = self.ca.issue(request)?;
+        let (cert_path, key_path) = issued.write(&self.dir.path().join(name))?;
+        let key_path = key_path.ok_or_else(|| anyhow!("no key was written for {name}"))?;
+        let key_pem = issued
+            .key_pem
+            .ok_or_else(|| anyhow!("no key was issued for {name}"))?;
+        Ok(Identity {
+            cert_pem: issued.cert_pem,
+            key_pem,
+            cert_path,
+            key_path,
+        })
+    }
+
+    /// A server identity for `localhost` / `127.0.0.1` (serverAuth + clientAuth).
+    pub fn server(&self, name: &str, spiffe_path: &str) -> anyhow::Result<Identity> {
+        let mut request = IssueRequest::new(self.spiffe_id(spiffe_path)?);
+        request.dns = vec!["localhost".to_owned()];
+        request.ips = vec![IpAddr::V4(Ipv4Addr::LOCALHOST)];
+        self.issue(name, &request)
+    }
+
+    /// A client identity; `common_name` is what PostgreSQL `cert` auth matches to the role.
+    pub fn client(
+        &self,
+        name: &str,
+        spiffe_path: &str,
+        common_name: Option<&str>,
+    ) -> anyhow::Result<Identity> {
+        let mut request = IssueRequest::new(self.spiffe_id(spiffe_path)?);
+        request.common_name = common_name.map(str::to_owned);
+        self.issue(name, &request)
+    }
+
+    /// PostgreSQL's TLS files: this server identity, trusting this CA for client certs.
+    pub fn server_tls(&self, server: &Identity) -> ServerTls {
+        ServerTls {
+            cert_pem: server.cert_pem.clone(),
+            key_pem: server.key_pem.clone(),
+            ca_pem: self.ca_pem(),
+            crl_pem: None,
+        }
+    }
 }
 
 /// A rustls client config that trusts `ca_pem` and, if given, presents `client` (cert chain

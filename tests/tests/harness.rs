@@ -1,7 +1,7 @@
 //! The harness itself, on real PostgreSQL: private clusters start side by side, speak TLS with
 //! certificates from our CA, enforce SCRAM, survive a stop/start, and vanish when dropped.
 
-use eastwall_e2e::{connect_plain, pg, port_refuses};
+use eastwall_e2e::{client_config, connect_plain, connect_tls, pg, port_refuses, TestPki};
 use tokio_postgres::error::SqlState;
 
 #[tokio::test]
@@ -121,4 +121,143 @@ fn a_bad_setting_fails_start_with_the_server_log_in_the_error() {
         text.contains("no_such_setting_xyz"),
         "the error should quote the server log: {text}"
     );
+}
+
+const CERT_ONLY: &str = "hostssl all all 127.0.0.1/32 cert";
+
+#[tokio::test]
+async fn two_tls_clusters_at_once_admit_our_client_certs_and_are_gone_after_drop() {
+    let pki = TestPki::new("corp.example").expect("test CA");
+    let server = pki.server("pg-server", "db/postgres").expect("server cert");
+    let a = pg()
+        .tls(pki.server_tls(&server))
+        .hba(CERT_ONLY)
+        .start()
+        .expect("cluster a");
+    let b = pg()
+        .tls(pki.server_tls(&server))
+        .hba(CERT_ONLY)
+        .start()
+        .expect("cluster b");
+    assert_ne!(a.port(), b.port());
+    b.run_sql("CREATE ROLE billing LOGIN;")
+        .expect("create role");
+
+    // `cert` auth maps the certificate's CN to the role.
+    let dba = pki
+        .client("dba", "app/operators/dba", Some("postgres"))
+        .expect("client cert");
+    let billing = pki
+        .client("billing", "app/billing", Some("billing"))
+        .expect("client cert");
+    for (cluster, who, role) in [(&a, &dba, "postgres"), (&b, &billing, "billing")] {
+        let tls = client_config(&pki.ca_pem(), Some((&who.cert_pem, &who.key_pem)))
+            .expect("client TLS config");
+        let client = connect_tls("localhost", cluster.port(), role, "postgres", tls)
+            .await
+            .unwrap_or_else(|e| panic!("{role} over verify-full TLS: {e}"));
+        let row = client
+            .query_one(
+                "SELECT current_user::text, s.ssl, s.client_dn \
+                 FROM pg_stat_ssl s WHERE s.pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .expect("query");
+        assert_eq!(row.get::<_, String>(0), role);
+        assert!(row.get::<_, bool>(1), "session must be TLS");
+        let dn: Option<String> = row.get(2);
+        assert!(
+            dn.as_deref()
+                .is_some_and(|dn| dn.contains(&format!("CN={role}"))),
+            "server saw client DN {dn:?}"
+        );
+
+        // hostssl only: a plaintext login finds no pg_hba entry.
+        let err = connect_plain(cluster.host(), cluster.port(), role, "postgres", None)
+            .await
+            .expect_err("plaintext must be refused");
+        assert_eq!(
+            err.code(),
+            Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
+            "{err}"
+        );
+    }
+
+    let gone = [
+        (a.data_dir().to_owned(), a.port()),
+        (b.data_dir().to_owned(), b.port()),
+    ];
+    drop(a);
+    drop(b);
+    for (dir, port) in gone {
+        assert!(!dir.exists(), "{} survived drop", dir.display());
+        assert!(port_refuses(port), "port {port} still accepts after drop");
+    }
+}
+
+#[tokio::test]
+async fn postgres_refuses_a_client_cert_from_another_ca() {
+    let ours = TestPki::new("corp.example").expect("our CA");
+    // Same trust domain, same CN, different key: an impostor CA.
+    let theirs = TestPki::new("corp.example").expect("their CA");
+    let server = ours
+        .server("pg-server", "db/postgres")
+        .expect("server cert");
+    let cluster = pg()
+        .tls(ours.server_tls(&server))
+        .hba(CERT_ONLY)
+        .start()
+        .expect("cluster");
+    let port = cluster.port();
+
+    let impostor = theirs
+        .client("impostor", "app/operators/dba", Some("postgres"))
+        .expect("impostor cert");
+    let tls = client_config(
+        &ours.ca_pem(),
+        Some((&impostor.cert_pem, &impostor.key_pem)),
+    )
+    .expect("client TLS config");
+    let err = connect_tls("localhost", port, "postgres", "postgres", tls)
+        .await
+        .expect_err("a cert from another CA must be refused");
+    let text = format!("{err:?}");
+    assert!(
+        err.code().is_none() && text.contains("UnknownCA"),
+        "expected a TLS unknown-CA alert before any login, got: {text}"
+    );
+
+    // No client certificate at all: TLS is fine, `cert` auth is not.
+    let tls = client_config(&ours.ca_pem(), None).expect("client TLS config");
+    let err = connect_tls("localhost", port, "postgres", "postgres", tls)
+        .await
+        .expect_err("no client cert must be refused");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
+        "{err}"
+    );
+
+    // The client side verifies too: trusting only their CA, our server is refused.
+    let tls = client_config(
+        &theirs.ca_pem(),
+        Some((&impostor.cert_pem, &impostor.key_pem)),
+    )
+    .expect("client TLS config");
+    let err = connect_tls("localhost", port, "postgres", "postgres", tls)
+        .await
+        .expect_err("a server cert from another CA must be refused by the client");
+    assert!(err.code().is_none(), "{err}");
+
+    // Control: the same CN from our CA is admitted, so the CA is what made the difference.
+    let dba = ours
+        .client("dba", "app/operators/dba", Some("postgres"))
+        .expect("client cert");
+    let tls = client_config(&ours.ca_pem(), Some((&dba.cert_pem, &dba.key_pem)))
+        .expect("client TLS config");
+    let client = connect_tls("localhost", port, "postgres", "postgres", tls)
+        .await
+        .expect("our cert is admitted");
+    client.simple_query("SELECT 1").await.expect("query");
 }
