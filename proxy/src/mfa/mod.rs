@@ -223,6 +223,16 @@ impl Verifier {
         }
     }
 
+    /// Runs [`Verifier::retain_recent`] every `every`, forever; spawn it next to the listener.
+    pub async fn run_housekeeping(self: std::sync::Arc<Self>, every: Duration) {
+        let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.retain_recent();
+        }
+    }
+
     fn replay_cache(&self) -> std::sync::MutexGuard<'_, HashMap<SpiffeId, u64>> {
         self.last_step.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -317,7 +327,11 @@ impl Verifier {
                 reason: "token_other_cert",
             };
         }
-        if token::is_expired(&claims, now) {
+        // Also bound by today's max_age, so lowering it in the config shortens tokens already
+        // handed out.
+        if token::is_expired(&claims, now)
+            || token::age_secs(&claims, now) >= self.max_age.as_secs()
+        {
             return MfaOutcome::Rejected {
                 reason: "expired_token",
             };

@@ -211,6 +211,26 @@ fn a_token_admits_its_identity_and_certificate_until_it_expires() {
 }
 
 #[test]
+fn a_lower_max_age_shortens_tokens_already_issued() {
+    let f = Fixture::new(20);
+    let tok = f.verifier.issue_token(&alice(), &CERT_A, t0());
+    let store = f.verifier.store.read().unwrap().clone();
+    let stricter = Verifier::with_limits(
+        store,
+        f.verifier.key.clone(),
+        Limits {
+            max_age: Duration::from_secs(60),
+            max_failures: 20,
+            failure_window: Duration::from_secs(600),
+        },
+    );
+    let at = |s| t0() + Duration::from_secs(s);
+    let check = |t| stricter.check(&alice(), &CERT_A, ip("10.0.0.1"), &tok.value, t);
+    assert!(check(at(59)).is_accepted());
+    assert_eq!(check(at(60)), rejected("expired_token"));
+}
+
+#[test]
 fn a_token_with_another_certificate_or_identity_is_refused() {
     let f = Fixture::new(20);
     let tok = f.verifier.issue_token(&alice(), &CERT_A, t0());

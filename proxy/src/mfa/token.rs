@@ -8,7 +8,7 @@
 use std::fmt;
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -86,6 +86,14 @@ impl TokenKey {
             path: path.to_owned(),
             source,
         };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            // The folder holds secrets too (the TOTP file sits beside the key by default).
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io_err)?;
+        }
         let mut file = match OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -333,7 +341,7 @@ mod tests {
     #[test]
     fn key_file_is_created_0600_and_read_back() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("token.key");
+        let path = dir.path().join("mfa/token.key");
         let a = TokenKey::load_or_create(&path).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
