@@ -1,11 +1,35 @@
 //! Eastwall: an mTLS, identity-aware sidecar that stands in front of PostgreSQL.
 //!
 //! # Layout
+//! A connection flows top to bottom through these modules:
+//! - [`server`]: the running sidecar — shared state, accept loop, upkeep, shutdown.
+//! - [`startup`]: the front door — SSLRequest, GSSENCRequest, direct TLS, StartupMessage.
+//! - [`codec`]: the PostgreSQL wire codec, pure functions over bytes.
+//! - [`tls`]: rustls configs for both legs; CRL reload.
+//! - [`identity`]: X509-SVID checks and handshake-failure reasons.
+//! - [`session`]: one connection end to end — decision, MFA step-up, upstream login, relay.
+//! - [`mfa`]: TOTP secrets, replay and lockout, step-up tokens; [`stepup`]: its HTTPS endpoint.
+//! - [`upstream`]: the proxy's own login to PostgreSQL (trust, SCRAM, cert).
+//! - [`relay`]: the byte pipe after admission.
+//! - [`cancel`]: the proxy's cancel keys and their upstream mapping.
+//! - [`audit`]: the hash-chained, fsync'd decision log.
+//! - [`quickstart`]: a complete sidecar layout in one folder; [`pgcluster`]: private
+//!   PostgreSQL clusters for the demo and the tests.
 //! - [`cli`]: the `eastwall` verbs, one module each.
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod cancel;
 pub mod cli;
+pub mod codec;
+pub mod identity;
 pub mod mfa;
 pub mod pgcluster;
+pub mod quickstart;
+pub mod relay;
+pub mod server;
+pub mod session;
+pub mod startup;
 pub mod stepup;
+pub mod tls;
+pub mod upstream;

@@ -1,9 +1,86 @@
-//! `eastwall quickstart`: not built yet.
+//! `eastwall quickstart`: a complete, working sidecar layout in one folder.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use eastwall_ca::TrustDomain;
+
+use crate::quickstart::{self, Options, UpstreamAuth};
 
 /// Arguments of `eastwall quickstart`.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// The folder to lay out (created; must not already hold an eastwall.toml).
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// PostgreSQL: HOST:PORT, or /socket/dir:PORT for a Unix socket.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub upstream: String,
+    /// Where the sidecar listens for clients.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:5432")]
+    pub listen: SocketAddr,
+    /// How the proxy logs in to PostgreSQL.
+    #[arg(long, value_enum, default_value = "trust")]
+    pub upstream_auth: UpstreamAuth,
+    /// The SPIFFE trust domain.
+    #[arg(long, value_name = "DOMAIN", default_value = "corp.example")]
+    pub trust_domain: TrustDomain,
+    /// Where the HTTPS step-up endpoint listens.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8443")]
+    pub stepup_listen: SocketAddr,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`eastwall quickstart` is not built yet")
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let opts = Options {
+        dir: args.dir,
+        upstream: args.upstream,
+        listen: args.listen,
+        upstream_auth: args.upstream_auth,
+        trust_domain: args.trust_domain,
+        stepup_listen: Some(args.stepup_listen),
+    };
+    let layout = quickstart::quickstart(&opts)?;
+    let dir = layout.dir.display();
+    println!("Eastwall sidecar laid out in {dir}");
+    println!("  config:  {}", layout.config.display());
+    println!("  policy:  {dir}/policy.ew (the seed's zero-trust policy)");
+    println!("  CA:      {dir}/ca (trust bundle ca.pem, CRL crl.pem)");
+    for who in &layout.identities {
+        println!("  {:<15} {}  ({})", who.name, who.id, who.cert.display());
+    }
+    println!("  alice's TOTP secret: {dir}/mfa/alice.totp");
+    println!();
+    println!("PostgreSQL needs the roles {}:", layout.roles.join(", "));
+    for role in &layout.roles {
+        match &layout.upstream_password {
+            Some(pw) => println!("  CREATE ROLE {role} LOGIN PASSWORD '{pw}';"),
+            None => println!("  CREATE ROLE {role} LOGIN;"),
+        }
+    }
+    println!();
+    println!("Start the sidecar:");
+    println!("  eastwall proxy --config {}", layout.config.display());
+    println!("Then try, through the proxy:");
+    for (name, role, note) in [
+        ("billing", "billing", "allowed: app segment, its own role"),
+        (
+            "finance-laptop",
+            "finance-laptop",
+            "denied with an alert: workstations never reach the database",
+        ),
+        (
+            "alice",
+            "alice",
+            "challenged: type alice's current TOTP code at the password prompt",
+        ),
+    ] {
+        if let Some(who) = layout.identity(name) {
+            println!("  # {note}");
+            println!(
+                "  {}",
+                quickstart::psql_command(&layout, who, opts.listen, role)
+            );
+        }
+    }
+    Ok(())
 }

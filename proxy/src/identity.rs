@@ -1,0 +1,165 @@
+//! Who is on the other end: the X509-SVID rules checked on a certificate rustls already
+//! verified, and a short reason code for every way a client can fail to prove an identity.
+
+use std::time::{Duration, SystemTime};
+
+use eastwall_ca::{SpiffeId, SpiffeIdError, TrustDomain};
+use rustls::{CertificateError, Error as RustlsError};
+use rustls_pki_types::CertificateDer;
+use sha2::{Digest, Sha256};
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// A client that proved a workload identity.
+#[derive(Debug, Clone)]
+pub struct PeerIdentity {
+    pub id: SpiffeId,
+    /// The certificate's serial in lowercase hex, as the CA's index and the CRL name it.
+    pub serial_hex: String,
+    /// SHA-256 of the leaf's DER: what step-up tokens are bound to.
+    pub cert_sha256: [u8; 32],
+    pub not_after: SystemTime,
+}
+
+/// Why a verified certificate is still not a valid X509-SVID of our trust domain.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("a client certificate is required")]
+    NoClientCert,
+    #[error("the client certificate cannot be parsed")]
+    Unparseable,
+    #[error("the client certificate has more than one subjectAltName extension")]
+    DuplicateSan,
+    #[error("the client certificate has no URI SAN (SPIFFE ID)")]
+    NoUriSan,
+    #[error("the client certificate has {0} URI SANs; an X509-SVID has exactly one")]
+    MultipleUriSans(usize),
+    #[error("the client certificate's URI SAN is not a valid SPIFFE ID: {0}")]
+    BadSpiffeId(SpiffeIdError),
+    #[error("the client certificate is for another trust domain: {0}")]
+    ForeignTrustDomain(SpiffeIdError),
+    #[error("the client certificate is a CA certificate, not a workload certificate")]
+    CaLeaf,
+    #[error("the client certificate may sign certificates or CRLs, which an X509-SVID must not")]
+    CaKeyUsage,
+}
+
+impl IdentityError {
+    /// The short reason written to the decision log.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            IdentityError::NoClientCert => "no_client_cert",
+            IdentityError::Unparseable => "svid_unparseable",
+            IdentityError::DuplicateSan => "svid_duplicate_san",
+            IdentityError::NoUriSan => "svid_no_uri",
+            IdentityError::MultipleUriSans(_) => "svid_multi_uri",
+            IdentityError::BadSpiffeId(_) => "svid_bad_id",
+            IdentityError::ForeignTrustDomain(_) => "svid_foreign_domain",
+            IdentityError::CaLeaf => "svid_ca_leaf",
+            IdentityError::CaKeyUsage => "svid_ca_usage",
+        }
+    }
+}
+
+/// Checks the X509-SVID rules on the leaf of a chain rustls has verified.
+pub fn identify(
+    chain: Option<&[CertificateDer<'_>]>,
+    trust_domain: &TrustDomain,
+) -> Result<PeerIdentity, IdentityError> {
+    let leaf = chain
+        .and_then(|c| c.first())
+        .ok_or(IdentityError::NoClientCert)?;
+    let (_, cert) = X509Certificate::from_der(leaf).map_err(|_| IdentityError::Unparseable)?;
+
+    // Count URI SANs from the raw extension, not webpki's iterator, which skips URIs that are
+    // not UTF-8 and so could make two URIs look like one (protocol-security item 33).
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|_| IdentityError::DuplicateSan)?;
+    let uris: Vec<&str> = san
+        .map(|ext| {
+            ext.value
+                .general_names
+                .iter()
+                .filter_map(|name| match name {
+                    GeneralName::URI(uri) => Some(*uri),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let uri = match uris.as_slice() {
+        [] => return Err(IdentityError::NoUriSan),
+        [one] => *one,
+        many => return Err(IdentityError::MultipleUriSans(many.len())),
+    };
+
+    for ext in cert.extensions() {
+        match ext.parsed_extension() {
+            ParsedExtension::BasicConstraints(bc) if bc.ca => return Err(IdentityError::CaLeaf),
+            ParsedExtension::KeyUsage(ku) if ku.key_cert_sign() || ku.crl_sign() => {
+                return Err(IdentityError::CaKeyUsage)
+            }
+            _ => {}
+        }
+    }
+
+    let id = SpiffeId::parse(uri).map_err(IdentityError::BadSpiffeId)?;
+    id.require_trust_domain(trust_domain)
+        .map_err(IdentityError::ForeignTrustDomain)?;
+
+    let not_after = cert.validity().not_after.timestamp();
+    let not_after = SystemTime::UNIX_EPOCH + Duration::from_secs(not_after.max(0) as u64);
+    Ok(PeerIdentity {
+        id,
+        serial_hex: hex::encode(cert.raw_serial()),
+        cert_sha256: Sha256::digest(leaf.as_ref()).into(),
+        not_after,
+    })
+}
+
+/// The decision-log reason for a failed TLS handshake, from the error tokio-rustls returned.
+pub fn handshake_failure_reason(err: &std::io::Error) -> &'static str {
+    let Some(tls) = err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<RustlsError>())
+    else {
+        return match err.kind() {
+            std::io::ErrorKind::UnexpectedEof => "tls_eof",
+            _ => "tls_io_error",
+        };
+    };
+    match tls {
+        RustlsError::NoCertificatesPresented => "no_client_cert",
+        RustlsError::InvalidCertificate(cert) => match cert {
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "not_yet_valid"
+            }
+            CertificateError::Revoked => "revoked",
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => "untrusted",
+            CertificateError::UnknownRevocationStatus => "revocation_unknown",
+            CertificateError::ExpiredRevocationList
+            | CertificateError::ExpiredRevocationListContext { .. } => "crl_expired",
+            CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+                "wrong_key_purpose"
+            }
+            _ => "bad_certificate",
+        },
+        RustlsError::NoApplicationProtocol => "alpn_mismatch",
+        RustlsError::PeerIncompatible(_) => "tls_incompatible",
+        RustlsError::AlertReceived(_) => "client_alert",
+        RustlsError::InvalidMessage(_) | RustlsError::PeerMisbehaved(_) => "tls_protocol_error",
+        _ => "tls_handshake_failed",
+    }
+}
+
+/// The message a client whose handshake failed would need, for our own log line.
+pub fn handshake_failure_detail(err: &std::io::Error) -> String {
+    err.to_string()
+}
+
+/// A short connection id that appears in client errors and every log line of the session.
+pub fn new_conn_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}

@@ -1,0 +1,244 @@
+//! The running sidecar: what every connection shares, the accept loop, periodic upkeep
+//! (CRL reload, limiter cleanup), the step-up endpoint, and a clean shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use eastwall_config::{Config, Policy, Settings};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::audit::{AuditError, AuditLog, Entry};
+use crate::cancel::CancelRegistry;
+use crate::mfa::{self, SecretStore, TokenKey, Verifier};
+use crate::session::{self, CertUsage};
+use crate::tls::{ReloadingServerConfig, ServerTlsFiles, TlsError};
+use crate::upstream::Upstream;
+
+/// How often TLS files (certificate, trust bundle, CRL) are checked for changes.
+const RELOAD_EVERY: Duration = Duration::from_secs(2);
+/// How often rate-limiter state for quiet sources is dropped.
+const CLEANUP_EVERY: Duration = Duration::from_secs(30);
+
+/// Why the sidecar could not start; each says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    #[error(transparent)]
+    Config(#[from] eastwall_config::ConfigError),
+    #[error(transparent)]
+    Mfa(#[from] mfa::MfaError),
+    #[error(transparent)]
+    Upstream(#[from] crate::upstream::UpstreamError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Everything connections share.
+pub struct Sidecar {
+    pub settings: Settings,
+    pub policy: Policy,
+    pub tls: ReloadingServerConfig,
+    pub upstream: Upstream,
+    pub cancels: Arc<CancelRegistry>,
+    pub audit: AuditLog,
+    pub mfa: Option<Arc<Verifier>>,
+    pub cert_usage: Arc<CertUsage>,
+}
+
+impl Sidecar {
+    /// A log entry with the fields every line of this connection carries.
+    pub fn entry(&self, conn_id: &str, peer: SocketAddr, event: &'static str) -> Entry {
+        Entry {
+            conn_id: conn_id.to_owned(),
+            event,
+            peer: Some(peer),
+            ..Entry::default()
+        }
+    }
+
+    /// Logs a connection refused before any identity was established.
+    pub async fn log_refusal(&self, conn_id: &str, peer: SocketAddr, reason: &str, detail: &str) {
+        let mut entry = self.entry(conn_id, peer, "connect");
+        entry.decision = Some("deny");
+        entry.reason = reason.to_owned();
+        if !detail.is_empty() {
+            entry.extra.insert("detail".into(), detail.into());
+        }
+        if let Err(err) = self.audit.record(entry).await {
+            tracing::error!(%err, "decision log write failed");
+        }
+    }
+}
+
+/// A running sidecar: its addresses and a way to stop it.
+pub struct Running {
+    pub local_addr: SocketAddr,
+    pub stepup_addr: Option<SocketAddr>,
+    pub sidecar: Arc<Sidecar>,
+    shutdown: watch::Sender<bool>,
+    accept_task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting; sessions in flight end when their clients or servers close them.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.accept_task.await;
+    }
+}
+
+/// Builds the shared state from a loaded config: every file is read now, so a broken
+/// certificate, key, CRL or secret stops the start with a message rather than a client.
+pub async fn prepare(config: Config) -> Result<Sidecar, StartError> {
+    let Config { settings, policy } = config;
+    let tls = ReloadingServerConfig::new(ServerTlsFiles {
+        cert: settings.listen.cert.clone(),
+        key: settings.listen.key.clone(),
+        client_ca: settings.listen.client_ca.clone(),
+        crl: settings.listen.crl.clone(),
+    })?;
+    let upstream = Upstream::new(&settings.upstream)?;
+    let audit = AuditLog::open(&settings.audit.path).await?;
+    let mfa = if policy.mfa_groups().is_empty() {
+        None
+    } else {
+        let store = SecretStore::load(&settings.mfa.secrets)?;
+        let key = TokenKey::load_or_create(&settings.mfa.token_key)?;
+        Some(Arc::new(Verifier::new(store, key, &settings.mfa)))
+    };
+    Ok(Sidecar {
+        cancels: CancelRegistry::new(settings.limits.cancels_per_second),
+        settings,
+        policy,
+        tls,
+        upstream,
+        audit,
+        mfa,
+        cert_usage: Arc::new(CertUsage::default()),
+    })
+}
+
+/// Starts listening and serving. The listen address may use port 0 (tests).
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let sidecar = Arc::new(prepare(config).await?);
+    let addr = sidecar.settings.listen.address;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Listen { addr, source })?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|source| StartError::Listen { addr, source })?;
+    let (shutdown, watcher) = watch::channel(false);
+
+    let stepup_addr = match (&sidecar.mfa, sidecar.settings.mfa.stepup_listen) {
+        (Some(verifier), Some(addr)) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Listen { addr, source })?;
+            let bound = listener
+                .local_addr()
+                .map_err(|source| StartError::Listen { addr, source })?;
+            spawn_stepup(sidecar.clone(), verifier.clone(), listener, watcher.clone());
+            Some(bound)
+        }
+        _ => None,
+    };
+
+    spawn_upkeep(sidecar.clone(), watcher.clone());
+    let accept_task = tokio::spawn(accept_loop(sidecar.clone(), listener, watcher));
+    tracing::info!(listen = %local_addr, upstream = %sidecar.upstream.describe(), guards = %sidecar.settings.guards, "eastwall sidecar listening");
+    Ok(Running {
+        local_addr,
+        stepup_addr,
+        sidecar,
+        shutdown,
+        accept_task,
+    })
+}
+
+async fn accept_loop(
+    sidecar: Arc<Sidecar>,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(
+        sidecar.settings.limits.max_connections.max(1),
+    ));
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.changed() => return,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(err) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(%err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "connection limit reached; closing");
+            drop(tcp);
+            continue;
+        };
+        let sidecar = sidecar.clone();
+        tokio::spawn(async move {
+            session::serve(sidecar, tcp, peer).await;
+            drop(slot);
+        });
+    }
+}
+
+fn spawn_upkeep(sidecar: Arc<Sidecar>, mut stop: watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        let mut reload = tokio::time::interval(RELOAD_EVERY);
+        let mut cleanup = tokio::time::interval(CLEANUP_EVERY);
+        loop {
+            tokio::select! {
+                _ = reload.tick() => {
+                    match sidecar.tls.refresh() {
+                        Ok(true) => tracing::info!("TLS files changed; new handshakes use them"),
+                        Ok(false) => {}
+                        Err(err) => tracing::error!(%err, "TLS files changed but cannot be loaded; keeping the previous ones"),
+                    }
+                    if let Some(verifier) = &sidecar.mfa {
+                        if let Ok(store) = SecretStore::load(&sidecar.settings.mfa.secrets) {
+                            verifier.replace_store(store);
+                        }
+                    }
+                }
+                _ = cleanup.tick() => {
+                    sidecar.cancels.retain_recent();
+                    if let Some(verifier) = &sidecar.mfa {
+                        verifier.retain_recent();
+                    }
+                }
+                _ = stop.changed() => return,
+            }
+        }
+    });
+}
+
+/// Serves the HTTPS step-up endpoint with the same TLS config and SVID rules as the front door.
+fn spawn_stepup(
+    sidecar: Arc<Sidecar>,
+    verifier: Arc<Verifier>,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
+    let _ = (&sidecar, &verifier, &listener);
+    tokio::spawn(async move {
+        let _ = stop.changed().await;
+    });
+}

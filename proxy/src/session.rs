@@ -1,0 +1,571 @@
+//! One client connection, end to end: front door, identity, policy decision, MFA step-up,
+//! the proxy's own upstream login, the decision line, and the relay.
+//!
+//! Nothing reaches PostgreSQL, and no AuthenticationOk reaches the client, until the
+//! decision that admits it is durably in the log.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use bytes::BytesMut;
+use eastwall_config::{authorize, Decision, Request, Verdict};
+use serde_json::{json, Map, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+
+use crate::audit::Entry;
+use crate::cancel::{BackendKey, CancelLookup};
+use crate::codec::{self, Severity, StartupMessage};
+use crate::identity::{self, PeerIdentity};
+use crate::mfa::MfaOutcome;
+use crate::relay;
+use crate::server::Sidecar;
+use crate::startup::{self, FrontDoor};
+
+/// Startup parameters the proxy sets itself or refuses; everything else is forwarded.
+const NOT_FORWARDED: &[&str] = &["user", "database", "replication"];
+
+/// Which certificates are in use, and from where: one SVID is one workload, so the same
+/// certificate from two source addresses at once is an alert.
+#[derive(Default)]
+pub struct CertUsage {
+    in_use: Mutex<HashMap<String, (IpAddr, usize)>>,
+}
+
+impl CertUsage {
+    /// Records a session's use of a certificate; returns whether another source holds it.
+    fn acquire(self: &Arc<Self>, serial: &str, source: IpAddr) -> (CertUse, bool) {
+        let mut map = self.in_use.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = map.entry(serial.to_owned()).or_insert((source, 0));
+        let elsewhere = entry.0 != source && entry.1 > 0;
+        if entry.1 == 0 {
+            entry.0 = source;
+        }
+        entry.1 += 1;
+        (
+            CertUse {
+                usage: self.clone(),
+                serial: serial.to_owned(),
+            },
+            elsewhere,
+        )
+    }
+}
+
+/// Releases a certificate use when the session ends.
+pub struct CertUse {
+    usage: Arc<CertUsage>,
+    serial: String,
+}
+
+impl Drop for CertUse {
+    fn drop(&mut self) {
+        let mut map = self.usage.in_use.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = map.get_mut(&self.serial) {
+            entry.1 = entry.1.saturating_sub(1);
+            if entry.1 == 0 {
+                map.remove(&self.serial);
+            }
+        }
+    }
+}
+
+/// Serves one accepted TCP connection until it ends. Never panics on client input.
+pub async fn serve(sidecar: Arc<Sidecar>, tcp: TcpStream, peer: SocketAddr) {
+    let conn_id = identity::new_conn_id();
+    let _ = tcp.set_nodelay(true);
+    let started = Instant::now();
+    let deadline = sidecar.settings.limits.startup_timeout;
+
+    let front = tokio::time::timeout(deadline, startup::negotiate(tcp, sidecar.tls.get())).await;
+    let front = match front {
+        Ok(front) => front,
+        Err(_) => {
+            sidecar
+                .log_refusal(
+                    &conn_id,
+                    peer,
+                    "startup_timeout",
+                    "no startup within the deadline",
+                )
+                .await;
+            return;
+        }
+    };
+    match front {
+        FrontDoor::Gone => {}
+        FrontDoor::Refused(refusal) => {
+            tracing::info!(conn.id = %conn_id, %peer, reason = refusal.reason, detail = %refusal.detail, "refused at the front door");
+            sidecar
+                .log_refusal(&conn_id, peer, refusal.reason, &refusal.detail)
+                .await;
+        }
+        FrontDoor::Cancel { pid, key } => handle_cancel(&sidecar, &conn_id, peer, pid, &key).await,
+        FrontDoor::Plaintext {
+            startup,
+            mut stream,
+        } => {
+            let mut entry = sidecar.entry(&conn_id, peer, "connect");
+            entry.decision = Some("deny");
+            entry.reason = "no_tls".into();
+            if let Some(startup) = &startup {
+                entry.db_user = startup.param("user").map(str::to_owned);
+                entry.database = startup.param("database").map(str::to_owned);
+            }
+            let _ = sidecar.audit.record(entry).await;
+            let mut out = BytesMut::new();
+            codec::put_error(
+                &mut out,
+                Severity::Fatal,
+                "28000",
+                "TLS with a client certificate is required",
+                Some(&format!("Eastwall connection {conn_id}; connect with sslmode=verify-full and a client certificate")),
+            );
+            let _ = stream.write_all(&out).await;
+            let _ = stream.shutdown().await;
+        }
+        FrontDoor::Session(arrival) => {
+            let remaining = deadline.saturating_sub(started.elapsed());
+            let mut arrival = *arrival;
+            let leftover = std::mem::take(&mut arrival.leftover);
+            admit_and_relay(
+                sidecar,
+                conn_id,
+                peer,
+                arrival.tls,
+                arrival.startup,
+                leftover,
+                remaining,
+            )
+            .await;
+        }
+    }
+}
+
+/// A refusal inside TLS: the client gets FATAL with our connection id, the log gets a line.
+struct Refuse {
+    sqlstate: &'static str,
+    message: String,
+    entry: Entry,
+}
+
+async fn send_fatal(tls: &mut TlsStream<TcpStream>, sqlstate: &str, message: &str) {
+    let mut out = BytesMut::new();
+    codec::put_error(&mut out, Severity::Fatal, sqlstate, message, None);
+    let _ = tls.write_all(&out).await;
+    let _ = tls.flush().await;
+    let _ = tls.shutdown().await;
+}
+
+async fn refuse(sidecar: &Sidecar, tls: &mut TlsStream<TcpStream>, refusal: Refuse) {
+    tracing::info!(
+        conn.id = %refusal.entry.conn_id,
+        spiffe_id = refusal.entry.spiffe_id.as_deref().unwrap_or("-"),
+        decision = "deny",
+        reason = %refusal.entry.reason,
+        alert = refusal.entry.alert,
+        "refused"
+    );
+    // The refusal is logged before the client hears it; a log failure still refuses.
+    if let Err(err) = sidecar.audit.record(refusal.entry).await {
+        tracing::error!(%err, "decision log write failed");
+    }
+    send_fatal(tls, refusal.sqlstate, &refusal.message).await;
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn admit_and_relay(
+    sidecar: Arc<Sidecar>,
+    conn_id: String,
+    peer: SocketAddr,
+    mut tls: TlsStream<TcpStream>,
+    startup: StartupMessage,
+    leftover: BytesMut,
+    auth_time_left: std::time::Duration,
+) {
+    let user = startup.param("user").unwrap_or("").to_owned();
+    let database = match startup.param("database") {
+        Some(db) if !db.is_empty() => db.to_owned(),
+        _ => user.clone(),
+    };
+    let mut entry = sidecar.entry(&conn_id, peer, "connect");
+    entry.db_user = Some(user.clone());
+    entry.database = Some(database.clone());
+    if let Some(version) = tls.get_ref().1.protocol_version() {
+        entry
+            .extra
+            .insert("tls_version".into(), json!(format!("{version:?}")));
+    }
+
+    // Identity first: nothing about the request matters until we know who asks.
+    let identity = match identity::identify(
+        tls.get_ref().1.peer_certificates(),
+        &sidecar.settings.trust_domain,
+    ) {
+        Ok(identity) => identity,
+        Err(err) => {
+            entry.decision = Some("deny");
+            entry.reason = err.reason().into();
+            entry.extra.insert("detail".into(), json!(err.to_string()));
+            let message = format!("{err} (connection {conn_id})");
+            return refuse(&sidecar, &mut tls, deny(entry, "28000", message)).await;
+        }
+    };
+    entry.spiffe_id = Some(identity.id.to_string());
+    entry.cert_serial = Some(identity.serial_hex.clone());
+    let id_text = identity.id.to_string();
+
+    if startup.version >> 16 != 3 {
+        entry.decision = Some("deny");
+        entry.reason = "unsupported_protocol".into();
+        let message = format!(
+            "unsupported frontend protocol {}.{}: Eastwall speaks 3.0",
+            startup.version >> 16,
+            startup.version & 0xffff
+        );
+        return refuse(&sidecar, &mut tls, deny(entry, "0A000", message)).await;
+    }
+    if user.is_empty() {
+        entry.decision = Some("deny");
+        entry.reason = "no_user".into();
+        let message = format!("no PostgreSQL user name specified (connection {conn_id})");
+        return refuse(&sidecar, &mut tls, deny(entry, "28000", message)).await;
+    }
+    if startup
+        .param("replication")
+        .is_some_and(|v| v != "false" && v != "off" && v != "0")
+    {
+        entry.decision = Some("deny");
+        entry.reason = "replication_refused".into();
+        let message = format!(
+            "replication connections are not allowed through Eastwall for {id_text} (connection {conn_id})"
+        );
+        return refuse(&sidecar, &mut tls, deny(entry, "28000", message)).await;
+    }
+
+    let (cert_use, cert_elsewhere) = sidecar.cert_usage.acquire(&identity.serial_hex, peer.ip());
+    let _cert_use = cert_use;
+
+    let mut decision = decide(&sidecar, &identity, peer.ip(), &user, &database, false);
+    let mut mfa_fields = Map::new();
+    if decision.verdict == Verdict::Challenge {
+        match step_up(&sidecar, &mut tls, &identity, peer.ip(), auth_time_left).await {
+            StepUp::Closed => {
+                // psql's first connection: it saw the prompt and will reconnect with the
+                // code. Neither a failure nor a use — one challenge line.
+                fill_decision(&mut entry, &decision);
+                entry.event = "mfa_challenge";
+                let _ = sidecar.audit.record(entry).await;
+                return;
+            }
+            StepUp::Outcome(outcome) => match outcome {
+                MfaOutcome::Accepted { method, mfa_age_s } => {
+                    mfa_fields.insert("mfa".into(), json!(method));
+                    mfa_fields.insert("mfa_age_s".into(), json!(mfa_age_s));
+                    decision = decide(&sidecar, &identity, peer.ip(), &user, &database, true);
+                }
+                MfaOutcome::Rejected { reason } => {
+                    fill_decision(&mut entry, &decision);
+                    entry.event = "mfa_failure";
+                    entry.decision = Some("deny");
+                    entry.reason = format!("mfa_{reason}");
+                    let message = format!("MFA code rejected for {id_text} (connection {conn_id})");
+                    return refuse(&sidecar, &mut tls, deny(entry, "28P01", message)).await;
+                }
+                MfaOutcome::LockedOut { first } => {
+                    fill_decision(&mut entry, &decision);
+                    entry.event = "mfa_lockout";
+                    entry.decision = Some("deny");
+                    entry.reason = "mfa_locked_out".into();
+                    entry.alert = first;
+                    let message = format!(
+                        "too many failed MFA attempts for {id_text}; try again later (connection {conn_id})"
+                    );
+                    return refuse(&sidecar, &mut tls, deny(entry, "28P01", message)).await;
+                }
+            },
+            StepUp::Violation(detail) => {
+                fill_decision(&mut entry, &decision);
+                entry.event = "mfa_failure";
+                entry.decision = Some("deny");
+                entry.reason = "protocol_violation".into();
+                entry.extra.insert("detail".into(), json!(detail));
+                let message =
+                    format!("protocol violation during MFA step-up (connection {conn_id})");
+                return refuse(&sidecar, &mut tls, deny(entry, "08P01", message)).await;
+            }
+        }
+    }
+    fill_decision(&mut entry, &decision);
+    entry.extra.extend(mfa_fields);
+    if cert_elsewhere {
+        entry.alert = true;
+        entry.extra.insert(
+            "cert_reuse".into(),
+            json!("certificate in use from another source address"),
+        );
+    }
+    if decision.verdict != Verdict::Allow {
+        entry.decision = Some("deny");
+        let message = format!("access denied for {id_text} (connection {conn_id})");
+        return refuse(&sidecar, &mut tls, deny(entry, "28000", message)).await;
+    }
+
+    // The proxy logs in on its own as the granted role; the client's startup parameters
+    // (other than user/database/replication) ride along.
+    let forwarded: Vec<(&str, &str)> = startup
+        .params
+        .iter()
+        .filter(|(k, _)| !NOT_FORWARDED.contains(&k.as_str()) && !k.starts_with("_pq_."))
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let mut session = match sidecar.upstream.login(&user, &database, &forwarded).await {
+        Ok(session) => session,
+        Err(err) => {
+            entry.decision = Some("deny");
+            entry.reason = "upstream_login_failed".into();
+            entry.extra.insert("detail".into(), json!(err.to_string()));
+            tracing::warn!(conn.id = %conn_id, %err, "upstream login failed");
+            let _ = sidecar.audit.record(entry).await;
+            if let crate::upstream::UpstreamError::Rejected { raw, .. } = &err {
+                // The client sees PostgreSQL's own error, unchanged.
+                let _ = tls.write_all(raw).await;
+                let _ = tls.shutdown().await;
+            } else {
+                let message = format!("{err} (connection {conn_id})");
+                send_fatal(&mut tls, err.sqlstate(), &message).await;
+            }
+            return;
+        }
+    };
+    if session.is_superuser() && !decision.role_named_by_rule {
+        entry.decision = Some("deny");
+        entry.reason = "superuser_role".into();
+        let _ = terminate(&mut session.stream).await;
+        let message = format!(
+            "role {user:?} is a superuser; no policy rule grants it to {id_text} (connection {conn_id})"
+        );
+        return refuse(&sidecar, &mut tls, deny(entry, "28000", message)).await;
+    }
+
+    // Fail closed: without a durable allow line, nobody is admitted.
+    if let Err(err) = sidecar.audit.record(entry.clone()).await {
+        tracing::error!(conn.id = %conn_id, %err, "decision log write failed; refusing");
+        let _ = terminate(&mut session.stream).await;
+        let message = format!(
+            "Eastwall cannot write its decision log; refusing connections (connection {conn_id})"
+        );
+        send_fatal(&mut tls, "57P03", &message).await;
+        return;
+    }
+    tracing::info!(conn.id = %conn_id, spiffe_id = %id_text, db.user = %user, db.name = %database, decision = "allow", "admitted");
+
+    let cancel = sidecar.cancels.register(
+        BackendKey {
+            pid: session.backend_pid,
+            key: session.backend_key.clone(),
+        },
+        &conn_id,
+    );
+    let mut out = BytesMut::with_capacity(512);
+    let unsupported: Vec<&str> = startup
+        .params
+        .iter()
+        .filter(|(k, _)| k.starts_with("_pq_."))
+        .map(|(k, _)| k.as_str())
+        .collect();
+    if startup.version != codec::PROTOCOL_3_0 || !unsupported.is_empty() {
+        codec::put_negotiate_protocol_version(&mut out, &unsupported);
+    }
+    codec::put_auth_ok(&mut out);
+    for (name, value) in &session.parameters {
+        codec::put_parameter_status(&mut out, name, value);
+    }
+    codec::put_backend_key(&mut out, cancel.pid, cancel.secret);
+    out.extend_from_slice(&session.pending);
+    codec::put_ready_for_query(&mut out, session.transaction_status);
+    if tls.write_all(&out).await.is_err() || tls.flush().await.is_err() {
+        let _ = terminate(&mut session.stream).await;
+        return;
+    }
+    if !leftover.is_empty() && session.stream.write_all(&leftover).await.is_err() {
+        return;
+    }
+    drop(out);
+
+    let admitted = Instant::now();
+    let outcome = relay::relay(&mut tls, &mut session.stream).await;
+    drop(cancel);
+
+    let mut end = sidecar.entry(&conn_id, peer, "session_end");
+    end.decision = Some("allow");
+    end.spiffe_id = Some(id_text);
+    end.cert_serial = Some(identity.serial_hex.clone());
+    end.db_user = Some(user);
+    end.database = Some(database);
+    end.rule = decision.rule.as_ref().map(|r| r.to_string());
+    end.reason = outcome.end.reason().into();
+    end.extra.insert(
+        "duration_ms".into(),
+        json!(admitted.elapsed().as_millis() as u64),
+    );
+    end.extra.insert(
+        "bytes_client_to_server".into(),
+        json!(outcome.client_to_server),
+    );
+    end.extra.insert(
+        "bytes_server_to_client".into(),
+        json!(outcome.server_to_client),
+    );
+    if let Err(err) = sidecar.audit.record(end).await {
+        tracing::error!(conn.id = %conn_id, %err, "could not log session end");
+    }
+}
+
+fn deny(entry: Entry, sqlstate: &'static str, message: String) -> Refuse {
+    Refuse {
+        sqlstate,
+        message,
+        entry,
+    }
+}
+
+fn decide(
+    sidecar: &Sidecar,
+    identity: &PeerIdentity,
+    source: IpAddr,
+    user: &str,
+    database: &str,
+    mfa_fresh: bool,
+) -> Decision {
+    authorize(
+        &sidecar.policy,
+        &Request {
+            id: &identity.id,
+            source,
+            segment: &sidecar.settings.guards,
+            port: sidecar.settings.service_port,
+            user,
+            database,
+            mfa_fresh,
+        },
+    )
+}
+
+fn fill_decision(entry: &mut Entry, decision: &Decision) {
+    entry.decision = Some(decision.verdict.as_str());
+    entry.rule = decision.rule.as_ref().map(|r| r.to_string());
+    entry.reason = decision.reason.to_string();
+    entry.alert = decision.alert;
+}
+
+enum StepUp {
+    /// The client closed at the prompt (psql's first connection).
+    Closed,
+    Outcome(MfaOutcome),
+    Violation(String),
+}
+
+/// Asks for the MFA answer inside TLS and checks it.
+async fn step_up(
+    sidecar: &Sidecar,
+    tls: &mut TlsStream<TcpStream>,
+    identity: &PeerIdentity,
+    source: IpAddr,
+    time_left: std::time::Duration,
+) -> StepUp {
+    let Some(verifier) = &sidecar.mfa else {
+        return StepUp::Outcome(MfaOutcome::Rejected {
+            reason: "not_configured",
+        });
+    };
+    let mut out = BytesMut::new();
+    codec::put_auth_cleartext(&mut out);
+    if tls.write_all(&out).await.is_err() || tls.flush().await.is_err() {
+        return StepUp::Closed;
+    }
+    let read = async {
+        let mut buf = BytesMut::with_capacity(128);
+        loop {
+            match codec::decode_message(&mut buf, codec::MAX_PASSWORD_LEN) {
+                Ok(Some(msg)) => return Ok(Some(msg)),
+                Ok(None) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            match tls.read_buf(&mut buf).await {
+                Ok(0) => return Ok(None),
+                Ok(_) => {}
+                Err(_) => return Ok(None),
+            }
+        }
+    };
+    let msg = match tokio::time::timeout(time_left, read).await {
+        Err(_) | Ok(Ok(None)) => return StepUp::Closed,
+        Ok(Err(detail)) => return StepUp::Violation(detail),
+        Ok(Ok(Some(msg))) => msg,
+    };
+    if msg.tag == b'X' {
+        return StepUp::Closed;
+    }
+    if msg.tag != b'p' {
+        return StepUp::Violation(format!(
+            "expected a password message, got {:?}",
+            msg.tag as char
+        ));
+    }
+    let answer = match codec::parse_password(&msg.body) {
+        Ok(answer) => answer,
+        Err(e) => return StepUp::Violation(e.to_string()),
+    };
+    StepUp::Outcome(verifier.check(
+        &identity.id,
+        &identity.cert_sha256,
+        source,
+        answer.trim(),
+        SystemTime::now(),
+    ))
+}
+
+async fn terminate(stream: &mut crate::upstream::UpstreamStream) -> std::io::Result<()> {
+    let mut out = BytesMut::new();
+    codec::put_terminate(&mut out);
+    stream.write_all(&out).await?;
+    stream.shutdown().await
+}
+
+/// Forwards a CancelRequest when its key names a live session; answers nothing either way.
+async fn handle_cancel(sidecar: &Sidecar, conn_id: &str, peer: SocketAddr, pid: u32, key: &[u8]) {
+    match sidecar.cancels.lookup(peer.ip(), pid, key) {
+        CancelLookup::Forward {
+            backend_pid,
+            backend_key,
+            conn_id: target,
+        } => {
+            let result = sidecar.upstream.cancel(backend_pid, &backend_key).await;
+            let mut entry = sidecar.entry(conn_id, peer, "cancel");
+            entry.decision = Some("allow");
+            entry.reason = match &result {
+                Ok(()) => "forwarded".into(),
+                Err(e) => format!("forward_failed: {e}"),
+            };
+            entry
+                .extra
+                .insert("target_conn_id".into(), Value::from(target));
+            let _ = sidecar.audit.record(entry).await;
+        }
+        CancelLookup::Unknown => {
+            let mut entry = sidecar.entry(conn_id, peer, "cancel");
+            entry.decision = Some("deny");
+            entry.reason = "unknown_key".into();
+            let _ = sidecar.audit.record(entry).await;
+        }
+        CancelLookup::RateLimited => {
+            // Not written to the decision log: a flood of guesses must not become a flood
+            // of fsyncs. The limiter is what stops it; tracing keeps a trace.
+            tracing::warn!(conn.id = %conn_id, %peer, "cancel request rate-limited");
+        }
+    }
+}
