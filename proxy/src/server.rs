@@ -230,15 +230,53 @@ fn spawn_upkeep(sidecar: Arc<Sidecar>, mut stop: watch::Receiver<bool>) {
     });
 }
 
-/// Serves the HTTPS step-up endpoint with the same TLS config and SVID rules as the front door.
+/// Serves the HTTPS step-up endpoint with the same TLS config and SVID rules as the front
+/// door; every attempt is a decision line, and no token is handed out unless it is logged.
 fn spawn_stepup(
     sidecar: Arc<Sidecar>,
     verifier: Arc<Verifier>,
     listener: TcpListener,
     mut stop: watch::Receiver<bool>,
 ) {
-    let _ = (&sidecar, &verifier, &listener);
+    let trust_domain = sidecar.settings.trust_domain.clone();
+    let identify: crate::stepup::Identify = Arc::new(move |conn: &rustls::ServerConnection| {
+        crate::identity::identify(conn.peer_certificates(), &trust_domain)
+            .map(|who| (who.id, who.cert_sha256))
+            .map_err(|err| err.to_string())
+    });
+    let logger = sidecar.clone();
+    let on_decision: crate::stepup::OnDecision =
+        Arc::new(move |event: crate::stepup::StepUpEvent| {
+            let sidecar = logger.clone();
+            Box::pin(async move {
+                let conn_id = crate::identity::new_conn_id();
+                let mut entry = sidecar.entry(&conn_id, event.source, "stepup");
+                entry.spiffe_id = Some(event.id.to_string());
+                entry.decision = Some(if event.outcome.is_accepted() {
+                    "allow"
+                } else {
+                    "deny"
+                });
+                entry.reason = format!("mfa_{}", event.outcome.reason());
+                entry.alert = matches!(event.outcome, mfa::MfaOutcome::LockedOut { first: true });
+                entry
+                    .extra
+                    .insert("cert_sha256".into(), hex::encode(event.cert_sha256).into());
+                if let Some(age) = event.outcome.mfa_age_s() {
+                    entry.extra.insert("mfa_age_s".into(), age.into());
+                }
+                sidecar.audit.record(entry).await.map_err(|e| e.to_string())
+            })
+        });
+    // Same certificate and client verifier as the front door, but speaking HTTP/1.1: curl
+    // and our own client offer ALPN "http/1.1", which "postgresql" would refuse.
+    let mut tls = (*sidecar.tls.get()).clone();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tls = Arc::new(tls);
     tokio::spawn(async move {
-        let _ = stop.changed().await;
+        tokio::select! {
+            _ = crate::stepup::serve(listener, tls, verifier, identify, on_decision) => {}
+            _ = stop.changed() => {}
+        }
     });
 }

@@ -42,7 +42,15 @@ pub type Identify =
 
 /// Records a decision (the proxy's audit log). An `Err` means it could not be recorded, and a
 /// token is then not handed out: decisions that cannot be logged are refused.
-pub type OnDecision = Arc<dyn Fn(&StepUpEvent) -> Result<(), String> + Send + Sync>;
+/// It returns a future because the audit log confirms a line only after its fsync.
+pub type OnDecision = Arc<
+    dyn Fn(
+            StepUpEvent,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// One step-up attempt, for the decision log.
 #[derive(Debug, Clone)]
@@ -234,7 +242,7 @@ async fn respond(
         outcome,
         token_expires_at: token.as_ref().map(|t| t.expires_at),
     };
-    if let Err(why) = (shared.on_decision)(&event) {
+    if let Err(why) = (shared.on_decision)(event).await {
         tracing::error!(error = %why, "step-up endpoint: decision not recorded; refusing");
         return error(StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable", None);
     }

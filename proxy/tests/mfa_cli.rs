@@ -374,13 +374,13 @@ async fn endpoint(max_failures: u32, audit_works: bool) -> Endpoint {
         server_tls(&pki),
         verifier.clone(),
         Arc::new(identify),
-        Arc::new(move |e: &StepUpEvent| {
-            sink.lock().unwrap().push(e.clone());
-            if audit_works {
+        Arc::new(move |e: StepUpEvent| {
+            sink.lock().unwrap().push(e);
+            Box::pin(std::future::ready(if audit_works {
                 Ok(())
             } else {
                 Err("disk full".to_owned())
-            }
+            }))
         }),
     ));
     Endpoint {
