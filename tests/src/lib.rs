@@ -122,6 +122,12 @@ impl TestPki {
         self.ca.bundle_pem().to_owned()
     }
 
+    /// The CA's current signed CRL, PEM (present from `init` on; re-signed by every revoke).
+    pub fn crl_pem(&self) -> anyhow::Result<String> {
+        let path = self.ca.crl_path();
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+    }
+
     /// The underlying CA, for tests that revoke or inspect.
     pub fn ca(&self) -> &Ca {
         &self.ca

@@ -1,6 +1,7 @@
 //! The harness itself, on real PostgreSQL: private clusters start side by side, speak TLS with
 //! certificates from our CA, enforce SCRAM, survive a stop/start, and vanish when dropped.
 
+use eastwall_ca::RevokeTarget;
 use eastwall_e2e::{client_config, connect_plain, connect_tls, pg, port_refuses, TestPki};
 use tokio_postgres::error::SqlState;
 
@@ -259,5 +260,43 @@ async fn postgres_refuses_a_client_cert_from_another_ca() {
     let client = connect_tls("localhost", port, "postgres", "postgres", tls)
         .await
         .expect("our cert is admitted");
+    client.simple_query("SELECT 1").await.expect("query");
+}
+
+#[tokio::test]
+async fn postgres_checks_client_certs_against_our_crl() {
+    let pki = TestPki::new("corp.example").expect("test CA");
+    let server = pki.server("pg-server", "db/postgres").expect("server cert");
+    let revoked = pki
+        .client("revoked", "app/operators/mallory", Some("postgres"))
+        .expect("client cert");
+    let kept = pki
+        .client("kept", "app/operators/dba", Some("postgres"))
+        .expect("client cert");
+    let id = pki.spiffe_id("app/operators/mallory").expect("id");
+    pki.ca()
+        .revoke(&RevokeTarget::Id(id))
+        .expect("revoke mallory");
+
+    let mut tls = pki.server_tls(&server);
+    tls.crl_pem = Some(pki.crl_pem().expect("crl"));
+    let cluster = pg().tls(tls).hba(CERT_ONLY).start().expect("cluster");
+
+    let config = client_config(&pki.ca_pem(), Some((&revoked.cert_pem, &revoked.key_pem)))
+        .expect("client TLS config");
+    let err = connect_tls("localhost", cluster.port(), "postgres", "postgres", config)
+        .await
+        .expect_err("a revoked cert must be refused");
+    let text = format!("{err:?}");
+    assert!(
+        err.code().is_none() && text.contains("CertificateRevoked"),
+        "expected a TLS certificate-revoked alert, got: {text}"
+    );
+
+    let config = client_config(&pki.ca_pem(), Some((&kept.cert_pem, &kept.key_pem)))
+        .expect("client TLS config");
+    let client = connect_tls("localhost", cluster.port(), "postgres", "postgres", config)
+        .await
+        .expect("an unrevoked cert from the same CA is admitted");
     client.simple_query("SELECT 1").await.expect("query");
 }
