@@ -18,6 +18,8 @@ use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, Config, NoTls};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+pub mod sidecar;
+
 pub use eastwall::pgcluster::{Cluster, ClusterError, ClusterOptions, ServerTls};
 
 /// How long a test client waits for a TCP connection before failing instead of hanging.

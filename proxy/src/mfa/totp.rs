@@ -41,6 +41,15 @@ pub fn current_code(secret: &[u8], t: SystemTime) -> Option<String> {
     step_at(t).map(|step| code_for_step(secret, step, DIGITS))
 }
 
+/// The 6-digit code at time `t` for a base32 secret as enrollment prints it (the demo plays
+/// the operator's authenticator app with this).
+pub fn code_from_base32(secret_b32: &str, t: SystemTime) -> Option<String> {
+    let secret = totp_rs::Secret::Encoded(secret_b32.trim().to_owned())
+        .to_bytes()
+        .ok()?;
+    current_code(&secret, t)
+}
+
 /// Every step within ±[`SKEW_STEPS`] of `now` whose code equals `answer`.
 ///
 /// All candidates are computed and compared in constant time, so how long this takes says
