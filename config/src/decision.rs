@@ -154,13 +154,43 @@ fn names(list: &[Box<str>]) -> String {
         .join(", ")
 }
 
-/// The first group named by the rule's `mfa(..)` that contains the identity.
-fn mfa_group_for<'p>(policy: &'p Policy, rule: &Rule, id: &SpiffeId) -> Option<&'p str> {
-    rule.mfa
-        .iter()
-        .filter_map(|&g| policy.groups.get(g))
-        .find(|set| set.contains(id))
-        .map(|set| &*set.name)
+/// The first group named by the rule's `mfa(..)` that contains the identity, with the
+/// challenge reason the rule wrote for it at load.
+fn mfa_group_for<'p>(policy: &'p Policy, rule: &'p Rule, id: &SpiffeId) -> Option<(&'p str, &'p str)> {
+    rule.mfa.iter().zip(&rule.mfa_reasons).find_map(|(&g, reason)| {
+        let set = policy.groups.get(g)?;
+        set.contains(id).then_some((&*set.name, reason.as_str()))
+    })
+}
+
+/// Why an allow rule whose `from:` and `to:` matched still did not grant the request.
+#[derive(Debug, Clone, Copy)]
+enum Miss {
+    Role,
+    Database,
+}
+
+fn miss_reason(rule: &Rule, req: &Request, miss: Miss) -> String {
+    match miss {
+        Miss::Role if rule.roles.is_empty() => format!(
+            "allow rule {} admits this identity, but not as role {:?}: without an `as:` line it grants only role {:?}, the last segment of the SPIFFE ID",
+            rule.at,
+            req.user,
+            req.id.last_segment()
+        ),
+        Miss::Role => format!(
+            "allow rule {} admits this identity, but not as role {:?}: it grants roles {}",
+            rule.at,
+            req.user,
+            names(&rule.roles)
+        ),
+        Miss::Database => format!(
+            "allow rule {} admits this identity, but not to database {:?}: it grants databases {}",
+            rule.at,
+            req.database,
+            names(&rule.databases)
+        ),
+    }
 }
 
 fn evaluate(policy: &Policy, req: &Request, mut trace: Option<&mut Vec<String>>) -> Decision {
@@ -179,13 +209,7 @@ fn evaluate(policy: &Policy, req: &Request, mut trace: Option<&mut Vec<String>>)
             return Decision {
                 verdict: Verdict::Deny,
                 rule: Some(rule.at.clone()),
-                reason: format!(
-                    "{} rule {} forbids {} reaching segment {:?}",
-                    rule.kind.as_str(),
-                    rule.at,
-                    req.id,
-                    req.segment
-                ),
+                reason: rule.reason.clone(),
                 alert,
                 role_named_by_rule: false,
                 mfa_group: None,
@@ -196,8 +220,10 @@ fn evaluate(policy: &Policy, req: &Request, mut trace: Option<&mut Vec<String>>)
     // Allows: collect every rule that grants, so that an `mfa(..)` on any of them holds.
     let mut granted: Option<&Rule> = None;
     let mut role_named = false;
-    let mut mfa: Option<(&Rule, &str)> = None;
-    let mut near_miss: Option<(&Rule, String)> = None;
+    // (group, challenge reason) of the first granting rule that asks this identity for MFA.
+    let mut mfa: Option<(&str, &str)> = None;
+    let mut mfa_rule: Option<&Rule> = None;
+    let mut near_miss: Option<(&Rule, Miss)> = None;
     for rule in &policy.allows {
         let from = from_matches(policy, rule, req.id);
         let to = from && to_matches(rule, req);
@@ -216,35 +242,12 @@ fn evaluate(policy: &Policy, req: &Request, mut trace: Option<&mut Vec<String>>)
         let db_ok =
             rule.databases.is_empty() || rule.databases.iter().any(|d| &**d == req.database);
         if !role_ok || !db_ok {
-            let why = if !role_ok {
-                if rule.roles.is_empty() {
-                    format!(
-                        "not as role {:?}: without an `as:` line it grants only role {:?}, the last segment of the SPIFFE ID",
-                        req.user,
-                        req.id.last_segment()
-                    )
-                } else {
-                    format!(
-                        "not as role {:?}: it grants roles {}",
-                        req.user,
-                        names(&rule.roles)
-                    )
-                }
-            } else {
-                format!(
-                    "not database {:?}: it grants databases {}",
-                    req.database,
-                    names(&rule.databases)
-                )
-            };
+            let miss = if role_ok { Miss::Database } else { Miss::Role };
             if let Some(t) = trace.as_deref_mut() {
-                t.push(format!(
-                    "{} allow: from and to match, but {why}",
-                    rule.at
-                ));
+                t.push(format!("{} allow: does not grant this: {}", rule.at, miss_reason(rule, req, miss)));
             }
             if near_miss.is_none() {
-                near_miss = Some((rule, why));
+                near_miss = Some((rule, miss));
             }
             continue;
         }
@@ -257,7 +260,7 @@ fn evaluate(policy: &Policy, req: &Request, mut trace: Option<&mut Vec<String>>)
                 req.database,
                 if named { " (named by `as:`)" } else { " (the identity's own role)" }
             );
-            if let Some(g) = group {
+            if let Some((g, _)) = group {
                 let _ = write!(
                     line,
                     "; requires mfa({g}) for this identity: {}",
@@ -274,20 +277,18 @@ fn evaluate(policy: &Policy, req: &Request, mut trace: Option<&mut Vec<String>>)
         }
         role_named |= named;
         if let (None, Some(g)) = (mfa, group) {
-            mfa = Some((rule, g));
+            mfa = Some(g);
+            mfa_rule = Some(rule);
         }
     }
 
     if let Some(rule) = granted {
-        if let Some((mfa_rule, group)) = mfa {
+        if let Some((group, reason)) = mfa {
             if !req.mfa_fresh {
                 return Decision {
                     verdict: Verdict::Challenge,
-                    rule: Some(mfa_rule.at.clone()),
-                    reason: format!(
-                        "mfa_required: {} is in group {group:?}, which rule {} requires to present a fresh MFA assertion",
-                        req.id, mfa_rule.at
-                    ),
+                    rule: mfa_rule.map(|r| r.at.clone()),
+                    reason: reason.to_owned(),
                     alert: false,
                     role_named_by_rule: role_named,
                     mfa_group: Some(group.to_owned()),
@@ -297,20 +298,17 @@ fn evaluate(policy: &Policy, req: &Request, mut trace: Option<&mut Vec<String>>)
         return Decision {
             verdict: Verdict::Allow,
             rule: Some(rule.at.clone()),
-            reason: format!(
-                "allow rule {} grants role {:?} on database {:?}",
-                rule.at, req.user, req.database
-            ),
+            reason: rule.reason.clone(),
             alert: false,
             role_named_by_rule: role_named,
-            mfa_group: mfa.map(|(_, g)| g.to_owned()),
+            mfa_group: mfa.map(|(g, _)| g.to_owned()),
         };
     }
     if let Some((rule, why)) = near_miss {
         return Decision {
             verdict: Verdict::Deny,
             rule: Some(rule.at.clone()),
-            reason: format!("allow rule {} admits {} to segment {:?}, but {why}", rule.at, req.id, req.segment),
+            reason: miss_reason(rule, req, why),
             alert: false,
             role_named_by_rule: false,
             mfa_group: None,

@@ -157,6 +157,11 @@ pub(crate) struct Rule {
     pub(crate) databases: Vec<Box<str>>,
     /// Indexes into `Policy::groups` of the groups named by `- mfa(..)`.
     pub(crate) mfa: Vec<usize>,
+    /// The reason a decision by this rule gives, written once at load so that deciding
+    /// costs a copy rather than formatting (the identity and role are logged beside it).
+    pub(crate) reason: String,
+    /// The challenge reason for each group in `mfa`, in the same order.
+    pub(crate) mfa_reasons: Vec<String>,
 }
 
 /// Rule counts by kind, for summaries.
@@ -696,6 +701,8 @@ impl Parser<'_> {
             roles: Vec::new(),
             databases: Vec::new(),
             mfa: Vec::new(),
+            reason: String::new(),
+            mfa_reasons: Vec::new(),
         };
         let mut require_at: Option<(u32, u32)> = None;
         // Whether the clause was written at all, so an unknown segment in it is not also
@@ -754,6 +761,21 @@ impl Parser<'_> {
                 "expected `from:`, `to:`, `as:` or `database:`: `require:` only applies to allow rules (a deny has nothing to require)".into(),
             );
         }
+        rule.reason = match kind {
+            RuleKind::Allow => format!("allow rule {} grants this flow", rule.at),
+            _ => format!("{} rule {} forbids this flow", kind.as_str(), rule.at),
+        };
+        rule.mfa_reasons = rule
+            .mfa
+            .iter()
+            .map(|&g| {
+                let name = self.groups.get(g).map_or("?", |s| &*s.name);
+                format!(
+                    "mfa_required: members of group {name:?} must present a fresh MFA assertion (rule {})",
+                    rule.at
+                )
+            })
+            .collect();
         match kind {
             RuleKind::Allow => self.allows.push(rule),
             _ => self.denies.push(rule),
