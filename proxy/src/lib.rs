@@ -15,6 +15,7 @@
 //! - [`audit`]: the hash-chained, fsync'd decision log.
 //! - [`quickstart`]: a complete sidecar layout in one folder; [`pgcluster`]: private
 //!   PostgreSQL clusters for the demo and the tests.
+//! - [`demo`]: the seed's lateral-movement story, played end to end in one command.
 //! - [`cli`]: the `eastwall` verbs, one module each.
 #![forbid(unsafe_code)]
 
@@ -22,6 +23,7 @@ pub mod audit;
 pub mod cancel;
 pub mod cli;
 pub mod codec;
+pub mod demo;
 pub mod identity;
 pub mod mfa;
 pub mod pgcluster;
