@@ -138,7 +138,7 @@ impl std::fmt::Debug for ServerTls {
 }
 
 /// How to set a cluster up. `Default` gives a plain, trust-everything-on-loopback server.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct ClusterOptions {
     /// Turn on `ssl` with these files.
     pub tls: Option<ServerTls>,
@@ -150,6 +150,21 @@ pub struct ClusterOptions {
     pub settings: Vec<(String, String)>,
     /// A password for the `postgres` superuser, for tests that log in as it over TCP.
     pub superuser_password: Option<String>,
+}
+
+impl std::fmt::Debug for ClusterOptions {
+    // The superuser password must never reach a log line or a panic message.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterOptions")
+            .field("tls", &self.tls)
+            .field("hba", &self.hba)
+            .field("settings", &self.settings)
+            .field(
+                "superuser_password",
+                &self.superuser_password.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
 }
 
 /// Who the server-side commands run as when we are root.
@@ -693,12 +708,24 @@ impl Cluster {
             "-t",
             PG_CTL_TIMEOUT_SECS,
         ]);
-        if self.run_checked(cmd).is_err() {
+        if self.run_checked(cmd).is_err() && self.pg_ctl_says_running() {
             if let Some(pid) = self.postmaster_pid() {
                 let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
             }
         }
         self.running = false;
+    }
+
+    /// `pg_ctl status` exits 0 only when postmaster.pid names a live process. Checked before
+    /// any SIGKILL so a stale pid file can never make us signal an unrelated process.
+    fn pg_ctl_says_running(&self) -> bool {
+        let mut cmd = self.server_command("pg_ctl");
+        cmd.arg("status").arg("-D").arg(&self.data_dir);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
     }
 
     fn postmaster_pid(&self) -> Option<nix::unistd::Pid> {
@@ -747,6 +774,15 @@ mod tests {
         assert!(err
             .to_string()
             .ends_with("install them with: apt-get install -y postgresql"));
+    }
+
+    #[test]
+    fn options_debug_never_shows_the_superuser_password() {
+        let opts = ClusterOptions {
+            superuser_password: Some("hunter2-secret".into()),
+            ..ClusterOptions::default()
+        };
+        assert!(!format!("{opts:?}").contains("hunter2-secret"));
     }
 
     #[test]
