@@ -32,12 +32,42 @@ fn bench(c: &mut Criterion) {
     .expect("the seed policy parses");
 
     let cases = [
-        ("allow_service", "spiffe://corp.example/app/billing", "billing", false),
-        ("deny_alert_workstation", "spiffe://corp.example/workstations/finance-laptop", "finance-laptop", false),
-        ("challenge_operator", "spiffe://corp.example/app/operators/alice", "alice", false),
-        ("allow_operator_with_mfa", "spiffe://corp.example/app/operators/alice", "alice", true),
-        ("deny_default", "spiffe://corp.example/printers/floor-3", "floor-3", false),
-        ("deny_wrong_role", "spiffe://corp.example/app/billing", "postgres", false),
+        (
+            "allow_service",
+            "spiffe://corp.example/app/billing",
+            "billing",
+            false,
+        ),
+        (
+            "deny_alert_workstation",
+            "spiffe://corp.example/workstations/finance-laptop",
+            "finance-laptop",
+            false,
+        ),
+        (
+            "challenge_operator",
+            "spiffe://corp.example/app/operators/alice",
+            "alice",
+            false,
+        ),
+        (
+            "allow_operator_with_mfa",
+            "spiffe://corp.example/app/operators/alice",
+            "alice",
+            true,
+        ),
+        (
+            "deny_default",
+            "spiffe://corp.example/printers/floor-3",
+            "floor-3",
+            false,
+        ),
+        (
+            "deny_wrong_role",
+            "spiffe://corp.example/app/billing",
+            "postgres",
+            false,
+        ),
     ];
     let mut group = c.benchmark_group("authorize");
     for (name, id, user, mfa) in cases {
@@ -51,7 +81,9 @@ fn bench(c: &mut Criterion) {
             database: "billing",
             mfa_fresh: mfa,
         };
-        group.bench_function(name, |b| b.iter(|| authorize(black_box(&policy), black_box(&req))));
+        group.bench_function(name, |b| {
+            b.iter(|| authorize(black_box(&policy), black_box(&req)))
+        });
     }
     group.finish();
 }

@@ -156,11 +156,18 @@ fn names(list: &[Box<str>]) -> String {
 
 /// The first group named by the rule's `mfa(..)` that contains the identity, with the
 /// challenge reason the rule wrote for it at load.
-fn mfa_group_for<'p>(policy: &'p Policy, rule: &'p Rule, id: &SpiffeId) -> Option<(&'p str, &'p str)> {
-    rule.mfa.iter().zip(&rule.mfa_reasons).find_map(|(&g, reason)| {
-        let set = policy.groups.get(g)?;
-        set.contains(id).then_some((&*set.name, reason.as_str()))
-    })
+fn mfa_group_for<'p>(
+    policy: &'p Policy,
+    rule: &'p Rule,
+    id: &SpiffeId,
+) -> Option<(&'p str, &'p str)> {
+    rule.mfa
+        .iter()
+        .zip(&rule.mfa_reasons)
+        .find_map(|(&g, reason)| {
+            let set = policy.groups.get(g)?;
+            set.contains(id).then_some((&*set.name, reason.as_str()))
+        })
 }
 
 /// Why an allow rule whose `from:` and `to:` matched still did not grant the request.
@@ -244,7 +251,11 @@ fn evaluate(policy: &Policy, req: &Request, mut trace: Option<&mut Vec<String>>)
         if !role_ok || !db_ok {
             let miss = if role_ok { Miss::Database } else { Miss::Role };
             if let Some(t) = trace.as_deref_mut() {
-                t.push(format!("{} allow: does not grant this: {}", rule.at, miss_reason(rule, req, miss)));
+                t.push(format!(
+                    "{} allow: does not grant this: {}",
+                    rule.at,
+                    miss_reason(rule, req, miss)
+                ));
             }
             if near_miss.is_none() {
                 near_miss = Some((rule, miss));
@@ -258,13 +269,21 @@ fn evaluate(policy: &Policy, req: &Request, mut trace: Option<&mut Vec<String>>)
                 rule.at,
                 req.user,
                 req.database,
-                if named { " (named by `as:`)" } else { " (the identity's own role)" }
+                if named {
+                    " (named by `as:`)"
+                } else {
+                    " (the identity's own role)"
+                }
             );
             if let Some((g, _)) = group {
                 let _ = write!(
                     line,
                     "; requires mfa({g}) for this identity: {}",
-                    if req.mfa_fresh { "fresh assertion present" } else { "no fresh assertion" }
+                    if req.mfa_fresh {
+                        "fresh assertion present"
+                    } else {
+                        "no fresh assertion"
+                    }
                 );
             }
             t.push(line);
@@ -314,7 +333,7 @@ fn evaluate(policy: &Policy, req: &Request, mut trace: Option<&mut Vec<String>>)
             mfa_group: None,
         };
     }
-    if let Some(t) = trace.as_deref_mut() {
+    if let Some(t) = trace {
         t.push("no allow rule applies: default action DENY".to_owned());
     }
     Decision {

@@ -273,7 +273,11 @@ impl Policy {
 
     /// The groups named by some `- mfa(..)`, each once, in name order.
     pub fn mfa_groups(&self) -> Vec<&str> {
-        let mut idx: Vec<usize> = self.allows.iter().flat_map(|r| r.mfa.iter().copied()).collect();
+        let mut idx: Vec<usize> = self
+            .allows
+            .iter()
+            .flat_map(|r| r.mfa.iter().copied())
+            .collect();
         idx.sort_unstable();
         idx.dedup();
         idx.iter()
@@ -583,8 +587,7 @@ impl Parser<'_> {
     /// Whether the next tokens start a rule or the default line.
     fn at_rule_start(&self) -> bool {
         (self.is_ident(0, "allow") && self.peek_at(1).tok == Tok::Colon)
-            || (self.is_ident(0, "deny")
-                && matches!(self.peek_at(1).tok, Tok::Colon | Tok::LParen))
+            || (self.is_ident(0, "deny") && matches!(self.peek_at(1).tok, Tok::Colon | Tok::LParen))
             || (self.is_ident(0, "default") && self.is_ident(1, "action"))
     }
 
@@ -621,7 +624,9 @@ impl Parser<'_> {
         let t = self.peek().clone();
         let hint = match &t.tok {
             Tok::Ident(word) => {
-                let known = ["allow", "deny", "default", "from", "to", "as", "database", "require"];
+                let known = [
+                    "allow", "deny", "default", "from", "to", "as", "database", "require",
+                ];
                 known
                     .iter()
                     .find(|k| edit_distance(k, word) <= 2 && k.len() > 2)
@@ -634,7 +639,11 @@ impl Parser<'_> {
             (Tok::Ident(w), true) => format!("`{w}:`"),
             (tok, _) => tok.to_string(),
         };
-        self.error(t.line, t.col, format!("expected {expected}, found {found}{hint}"));
+        self.error(
+            t.line,
+            t.col,
+            format!("expected {expected}, found {found}{hint}"),
+        );
     }
 
     fn parse_default(&mut self) -> Result<(), Recorded> {
@@ -744,14 +753,20 @@ impl Parser<'_> {
             self.error(
                 head.line,
                 head.col,
-                format!("expected a `from:` line in this {} rule, e.g. `from: segment(\"app\")`", kind.as_str()),
+                format!(
+                    "expected a `from:` line in this {} rule, e.g. `from: segment(\"app\")`",
+                    kind.as_str()
+                ),
             );
         }
         if !saw_to {
             self.error(
                 head.line,
                 head.col,
-                format!("expected a `to:` line in this {} rule, e.g. `to: segment(\"db\") :5432`", kind.as_str()),
+                format!(
+                    "expected a `to:` line in this {} rule, e.g. `to: segment(\"db\") :5432`",
+                    kind.as_str()
+                ),
             );
         }
         if let (RuleKind::Deny | RuleKind::DenyAndAlert, Some((l, c))) = (kind, require_at) {
@@ -895,12 +910,18 @@ impl Parser<'_> {
                 p.bump();
                 let t = p.peek().clone();
                 let Tok::Num(n) = &t.tok else {
-                    return Err(p.expected("a port number after `:`, as in `to: segment(\"db\") :5432`"));
+                    return Err(
+                        p.expected("a port number after `:`, as in `to: segment(\"db\") :5432`")
+                    );
                 };
                 p.bump();
                 match n.parse::<u16>() {
                     Ok(v) if v > 0 => port = Some(v),
-                    _ => p.error(t.line, t.col, format!("expected a port from 1 to 65535, found {n}")),
+                    _ => p.error(
+                        t.line,
+                        t.col,
+                        format!("expected a port from 1 to 65535, found {n}"),
+                    ),
                 }
             }
             if p.resolve(false, &s, line, col).is_some() {
@@ -947,7 +968,9 @@ impl Parser<'_> {
         self.comma_list(rule, |p, rule| {
             let t = p.peek().clone();
             let Tok::Str(s) = t.tok else {
-                return Err(p.expected("a database name in double quotes, as in `database: \"billing\"`"));
+                return Err(
+                    p.expected("a database name in double quotes, as in `database: \"billing\"`")
+                );
             };
             p.bump();
             if p.check_name("database", &s, t.line, t.col) {

@@ -92,8 +92,13 @@ mod tests {
     #[test]
     fn missing_file_and_empty_password_are_errors_naming_the_key() {
         let dir = tempfile::tempdir().unwrap();
-        let missing = PasswordSource::File(dir.path().join("nope")).read().unwrap_err();
-        assert!(missing.to_string().contains("upstream.password_file"), "{missing}");
+        let missing = PasswordSource::File(dir.path().join("nope"))
+            .read()
+            .unwrap_err();
+        assert!(
+            missing.to_string().contains("upstream.password_file"),
+            "{missing}"
+        );
         let path = dir.path().join("empty");
         std::fs::write(&path, "\n").unwrap();
         let empty = PasswordSource::File(path).read().unwrap_err();
@@ -105,6 +110,9 @@ mod tests {
         let err = PasswordSource::Env("EASTWALL_TEST_SURELY_UNSET_VAR".into())
             .read()
             .unwrap_err();
-        assert!(err.to_string().contains("EASTWALL_TEST_SURELY_UNSET_VAR"), "{err}");
+        assert!(
+            err.to_string().contains("EASTWALL_TEST_SURELY_UNSET_VAR"),
+            "{err}"
+        );
     }
 }

@@ -88,12 +88,11 @@ impl Config {
     /// Reads eastwall.toml and the policy file it names, and validates both.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let settings = Settings::load(path)?;
-        let text = std::fs::read_to_string(&settings.policy_file).map_err(|source| {
-            ConfigError::Read {
+        let text =
+            std::fs::read_to_string(&settings.policy_file).map_err(|source| ConfigError::Read {
                 path: settings.policy_file.clone(),
                 source,
-            }
-        })?;
+            })?;
         let policy = Policy::parse_in(
             &settings.policy_label,
             &text,
@@ -156,7 +155,9 @@ pub enum UpstreamTarget {
 pub enum UpstreamLogin {
     Trust,
     /// SCRAM-SHA-256 with this secret for the upstream roles.
-    Password { user_secrets: PasswordSource },
+    Password {
+        user_secrets: PasswordSource,
+    },
     /// TLS client certificate `cert_dir/<role>.pem` + `<role>.key`, CN = role.
     Cert {
         cert_dir: PathBuf,
@@ -283,7 +284,10 @@ pub(crate) fn line_col(text: &str, offset: usize) -> (u32, u32) {
     let offset = offset.min(bytes.len());
     let before = &bytes[..offset];
     let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-    let line_start = before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
     // Count characters, not bytes: skip UTF-8 continuation bytes.
     let col = before[line_start..]
         .iter()
@@ -317,7 +321,11 @@ impl Checker<'_> {
 
     fn path(&mut self, key: &str, value: &Str) -> PathBuf {
         if value.get_ref().is_empty() {
-            self.invalid(value.span(), key, "expected a file path, found an empty string");
+            self.invalid(
+                value.span(),
+                key,
+                "expected a file path, found an empty string",
+            );
         }
         self.dir.join(value.get_ref())
     }
@@ -338,7 +346,11 @@ impl Checker<'_> {
         match humantime::parse_duration(v.get_ref()) {
             Ok(d) if !d.is_zero() => Some(d),
             Ok(_) => {
-                self.invalid(v.span(), key, "expected a duration above zero, such as \"5s\" or \"15m\"");
+                self.invalid(
+                    v.span(),
+                    key,
+                    "expected a duration above zero, such as \"5s\" or \"15m\"",
+                );
                 None
             }
             Err(e) => {
@@ -352,13 +364,24 @@ impl Checker<'_> {
         }
     }
 
-    fn int<T: TryFrom<i64>>(&mut self, key: &str, value: Option<&Spanned<i64>>, default: T, min: i64, max: i64) -> T {
+    fn int<T: TryFrom<i64>>(
+        &mut self,
+        key: &str,
+        value: Option<&Spanned<i64>>,
+        default: T,
+        min: i64,
+        max: i64,
+    ) -> T {
         let Some(v) = value else { return default };
         let n = *v.get_ref();
         match T::try_from(n) {
             Ok(t) if (min..=max).contains(&n) => t,
             _ => {
-                self.invalid(v.span(), key, format!("expected a whole number from {min} to {max}, found {n}"));
+                self.invalid(
+                    v.span(),
+                    key,
+                    format!("expected a whole number from {min} to {max}, found {n}"),
+                );
                 default
             }
         }
@@ -381,7 +404,12 @@ impl Checker<'_> {
         }
     }
 
-    fn named_sets(&mut self, table: &str, raw: &Named, td: Option<&TrustDomain>) -> BTreeMap<String, Vec<String>> {
+    fn named_sets(
+        &mut self,
+        table: &str,
+        raw: &Named,
+        td: Option<&TrustDomain>,
+    ) -> BTreeMap<String, Vec<String>> {
         let mut out = BTreeMap::new();
         for (name, patterns) in raw {
             let key = format!("{table}.{}", name.get_ref());
@@ -411,7 +439,11 @@ impl Checker<'_> {
             }
             out.insert(
                 name.get_ref().clone(),
-                patterns.get_ref().iter().map(|p| p.get_ref().clone()).collect(),
+                patterns
+                    .get_ref()
+                    .iter()
+                    .map(|p| p.get_ref().clone())
+                    .collect(),
             );
         }
         out
@@ -438,7 +470,8 @@ fn split_host_port(s: &str) -> Option<(String, u16)> {
 }
 
 fn is_loopback_host(host: &str) -> bool {
-    host.eq_ignore_ascii_case("localhost") || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 impl Settings {
@@ -462,10 +495,7 @@ impl Settings {
                 message: e.message().trim_end().to_owned(),
             }
         })?;
-        let dir = path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut c = Checker {
             file: path,
             text,
@@ -519,18 +549,37 @@ impl Settings {
 
         let policy_value = raw.policy.as_ref().and_then(|p| p.file.as_ref());
         let policy_file = c.path_or("policy.file", policy_value, "policy.ew");
-        let policy_label = policy_value.map_or_else(|| "policy.ew".to_owned(), |v| v.get_ref().clone());
+        let policy_label =
+            policy_value.map_or_else(|| "policy.ew".to_owned(), |v| v.get_ref().clone());
 
         let m = raw.mfa.as_ref();
         let mfa = MfaSettings {
-            secrets: c.path_or("mfa.secrets", m.and_then(|m| m.secrets.as_ref()), "mfa/secrets.json"),
-            max_age: c.duration("mfa.max_age", m.and_then(|m| m.max_age.as_ref()), Duration::from_secs(300)),
+            secrets: c.path_or(
+                "mfa.secrets",
+                m.and_then(|m| m.secrets.as_ref()),
+                "mfa/secrets.json",
+            ),
+            max_age: c.duration(
+                "mfa.max_age",
+                m.and_then(|m| m.max_age.as_ref()),
+                Duration::from_secs(300),
+            ),
             stepup_listen: m
                 .and_then(|m| m.stepup_listen.as_ref())
                 .and_then(|v| c.socket_addr("mfa.stepup_listen", v)),
-            token_key: c.path_or("mfa.token_key", m.and_then(|m| m.token_key.as_ref()), "mfa/token.key"),
+            token_key: c.path_or(
+                "mfa.token_key",
+                m.and_then(|m| m.token_key.as_ref()),
+                "mfa/token.key",
+            ),
             max_session: c.opt_duration("mfa.max_session", m.and_then(|m| m.max_session.as_ref())),
-            max_failures: c.int("mfa.max_failures", m.and_then(|m| m.max_failures.as_ref()), 20u32, 1, 1_000_000),
+            max_failures: c.int(
+                "mfa.max_failures",
+                m.and_then(|m| m.max_failures.as_ref()),
+                20u32,
+                1,
+                1_000_000,
+            ),
             failure_window: c.duration(
                 "mfa.failure_window",
                 m.and_then(|m| m.failure_window.as_ref()),
@@ -565,25 +614,30 @@ impl Settings {
                 1,
                 1_000_000,
             ),
-            idle_timeout: c.opt_duration("limits.idle_timeout", l.and_then(|l| l.idle_timeout.as_ref())),
+            idle_timeout: c.opt_duration(
+                "limits.idle_timeout",
+                l.and_then(|l| l.idle_timeout.as_ref()),
+            ),
         };
 
         match (trust_domain, listen_address, upstream) {
-            (Some(trust_domain), Some(_), Some(upstream)) if c.problems.is_empty() => Ok(Settings {
-                path: path.to_path_buf(),
-                trust_domain,
-                guards: raw.guards.into_inner(),
-                service_port,
-                listen,
-                upstream,
-                mfa,
-                audit,
-                limits,
-                segments,
-                groups,
-                policy_file,
-                policy_label,
-            }),
+            (Some(trust_domain), Some(_), Some(upstream)) if c.problems.is_empty() => {
+                Ok(Settings {
+                    path: path.to_path_buf(),
+                    trust_domain,
+                    guards: raw.guards.into_inner(),
+                    service_port,
+                    listen,
+                    upstream,
+                    mfa,
+                    audit,
+                    limits,
+                    segments,
+                    groups,
+                    policy_file,
+                    policy_label,
+                })
+            }
             _ => Err(ConfigError::Many(c.problems)),
         }
     }
@@ -676,7 +730,11 @@ fn check_upstream(c: &mut Checker<'_>, u: &RawUpstream) -> Option<UpstreamSettin
                 }),
                 (None, Some(e)) => {
                     if e.get_ref().is_empty() {
-                        c.invalid(e.span(), "upstream.password_env", "expected an environment variable name");
+                        c.invalid(
+                            e.span(),
+                            "upstream.password_env",
+                            "expected an environment variable name",
+                        );
                     }
                     Some(UpstreamLogin::Password {
                         user_secrets: PasswordSource::Env(e.get_ref().clone()),
@@ -747,8 +805,10 @@ fn check_upstream(c: &mut Checker<'_>, u: &RawUpstream) -> Option<UpstreamSettin
     };
 
     let allow_plaintext_remote = u.allow_plaintext_remote.unwrap_or(false);
-    if let (Some((UpstreamTarget::Tcp { host, .. }, at)), Some(UpstreamLogin::Trust | UpstreamLogin::Password { .. })) =
-        (&target, &login)
+    if let (
+        Some((UpstreamTarget::Tcp { host, .. }, at)),
+        Some(UpstreamLogin::Trust | UpstreamLogin::Password { .. }),
+    ) = (&target, &login)
     {
         if !allow_plaintext_remote && !is_loopback_host(host) {
             c.invalid(

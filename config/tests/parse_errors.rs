@@ -17,13 +17,17 @@ fn only(errs: &[String], needle: &str) -> String {
 fn unknown_segment_is_an_error_at_its_string() {
     let errs = parse_err("allow:\nfrom: segment(\"ap\")\nto: segment(\"db\")\n");
     let e = only(&errs, "unknown segment \"ap\"");
-    assert!(e.starts_with("policy.ew:2:15: expected a segment defined in [segments]"), "{e}");
+    assert!(
+        e.starts_with("policy.ew:2:15: expected a segment defined in [segments]"),
+        "{e}"
+    );
     assert!(e.contains("\"app\""), "lists the defined segments: {e}");
 }
 
 #[test]
 fn unknown_mfa_group_is_an_error() {
-    let errs = parse_err("allow:\nfrom: segment(\"app\")\nto: segment(\"db\")\nrequire:\n- mfa(admins)\n");
+    let errs =
+        parse_err("allow:\nfrom: segment(\"app\")\nto: segment(\"db\")\nrequire:\n- mfa(admins)\n");
     let e = only(&errs, "unknown group \"admins\"");
     assert!(e.starts_with("policy.ew:5:7:"), "{e}");
 }
@@ -47,13 +51,20 @@ fn misspelled_rule_header_is_reported() {
 fn rule_with_no_to_is_an_error_at_the_rule() {
     let errs = parse_err("# c\nallow:\nfrom: segment(\"app\")\n");
     assert_eq!(errs.len(), 1, "{errs:#?}");
-    assert!(errs[0].starts_with("policy.ew:2:1: expected a `to:` line in this allow rule"), "{}", errs[0]);
+    assert!(
+        errs[0].starts_with("policy.ew:2:1: expected a `to:` line in this allow rule"),
+        "{}",
+        errs[0]
+    );
 }
 
 #[test]
 fn rule_with_no_from_is_an_error() {
     let errs = parse_err("deny:\nto: segment(\"db\")\n");
-    only(&errs, "policy.ew:1:1: expected a `from:` line in this deny rule");
+    only(
+        &errs,
+        "policy.ew:1:1: expected a `from:` line in this deny rule",
+    );
 }
 
 #[test]
@@ -81,19 +92,24 @@ fn default_action_may_appear_once() {
 
 #[test]
 fn require_on_a_deny_rule_is_refused() {
-    let errs = parse_err("deny:\nfrom: segment(\"app\")\nto: segment(\"db\")\nrequire:\n- mfa(human_operators)\n");
+    let errs = parse_err(
+        "deny:\nfrom: segment(\"app\")\nto: segment(\"db\")\nrequire:\n- mfa(human_operators)\n",
+    );
     only(&errs, "policy.ew:4:1:");
 }
 
 #[test]
 fn mtls_takes_only_service_identity() {
-    let errs = parse_err("allow:\nfrom: segment(\"app\")\nto: segment(\"db\")\nrequire:\n- mtls(shared_password)\n");
+    let errs = parse_err(
+        "allow:\nfrom: segment(\"app\")\nto: segment(\"db\")\nrequire:\n- mtls(shared_password)\n",
+    );
     only(&errs, "policy.ew:5:8: expected `service_identity`");
 }
 
 #[test]
 fn bad_identity_and_unterminated_string_are_located() {
-    let errs = parse_err("allow:\nfrom: identity(\"spiffe://corp.example/app/\")\nto: segment(\"db)\n");
+    let errs =
+        parse_err("allow:\nfrom: identity(\"spiffe://corp.example/app/\")\nto: segment(\"db)\n");
     only(&errs, "policy.ew:2:16: expected a SPIFFE ID");
     only(&errs, "policy.ew:3:13: expected a closing `\"`");
 }

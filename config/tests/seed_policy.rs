@@ -43,22 +43,120 @@ fn seed_block_parses_with_indentation_and_blank_lines() {
     }
 }
 
+/// (who, role, database, fresh MFA, expected verdict, deciding line, alert)
+type Row = (
+    &'static str,
+    &'static str,
+    &'static str,
+    bool,
+    Verdict,
+    Option<u32>,
+    bool,
+);
+
 #[test]
 fn seed_table_of_identities_and_verdicts() {
     let p = parse(SEED);
-    // (who, role, database, fresh MFA, expected verdict, deciding line, alert)
-    let table: &[(&str, &str, &str, bool, Verdict, Option<u32>, bool)] = &[
-        (BILLING, "billing", "billing", false, Verdict::Allow, Some(3), false),
-        (BILLING, "billing", "postgres", false, Verdict::Allow, Some(3), false),
-        (BILLING, "reporting", "billing", false, Verdict::Deny, Some(3), false),
-        (BILLING, "postgres", "postgres", false, Verdict::Deny, Some(3), false),
-        (LAPTOP, "finance-laptop", "billing", false, Verdict::Deny, Some(9), true),
-        (LAPTOP, "postgres", "postgres", true, Verdict::Deny, Some(9), true),
-        (ALICE, "alice", "billing", false, Verdict::Challenge, Some(3), false),
-        (ALICE, "alice", "billing", true, Verdict::Allow, Some(3), false),
-        (ALICE, "postgres", "billing", true, Verdict::Deny, Some(3), false),
-        (STRAY, "floor-3", "floor-3", false, Verdict::Deny, None, false),
-        ("spiffe://evil.example/app/billing", "billing", "billing", false, Verdict::Deny, None, false),
+    let table: &[Row] = &[
+        (
+            BILLING,
+            "billing",
+            "billing",
+            false,
+            Verdict::Allow,
+            Some(3),
+            false,
+        ),
+        (
+            BILLING,
+            "billing",
+            "postgres",
+            false,
+            Verdict::Allow,
+            Some(3),
+            false,
+        ),
+        (
+            BILLING,
+            "reporting",
+            "billing",
+            false,
+            Verdict::Deny,
+            Some(3),
+            false,
+        ),
+        (
+            BILLING,
+            "postgres",
+            "postgres",
+            false,
+            Verdict::Deny,
+            Some(3),
+            false,
+        ),
+        (
+            LAPTOP,
+            "finance-laptop",
+            "billing",
+            false,
+            Verdict::Deny,
+            Some(9),
+            true,
+        ),
+        (
+            LAPTOP,
+            "postgres",
+            "postgres",
+            true,
+            Verdict::Deny,
+            Some(9),
+            true,
+        ),
+        (
+            ALICE,
+            "alice",
+            "billing",
+            false,
+            Verdict::Challenge,
+            Some(3),
+            false,
+        ),
+        (
+            ALICE,
+            "alice",
+            "billing",
+            true,
+            Verdict::Allow,
+            Some(3),
+            false,
+        ),
+        (
+            ALICE,
+            "postgres",
+            "billing",
+            true,
+            Verdict::Deny,
+            Some(3),
+            false,
+        ),
+        (
+            STRAY,
+            "floor-3",
+            "floor-3",
+            false,
+            Verdict::Deny,
+            None,
+            false,
+        ),
+        (
+            "spiffe://evil.example/app/billing",
+            "billing",
+            "billing",
+            false,
+            Verdict::Deny,
+            None,
+            false,
+        ),
     ];
     for &(who, user, db, mfa, verdict, line, alert) in table {
         let d = decide(&p, who, user, db, mfa);
@@ -98,7 +196,10 @@ fn operator_is_challenged_with_the_group_named() {
     let d = decide(&p, ALICE, "alice", "alice", true);
     assert_eq!(d.mfa_group.as_deref(), Some("human_operators"));
     // A service outside the group is never subject to MFA.
-    assert_eq!(decide(&p, BILLING, "billing", "billing", false).mfa_group, None);
+    assert_eq!(
+        decide(&p, BILLING, "billing", "billing", false).mfa_group,
+        None
+    );
 }
 
 #[test]
@@ -106,7 +207,10 @@ fn identity_in_no_segment_is_denied_by_default() {
     let d = decide(&parse(SEED), STRAY, "floor-3", "floor-3", false);
     assert_eq!(d.verdict, Verdict::Deny);
     assert_eq!(d.rule, None);
-    assert_eq!(d.reason, "no allow rule names this flow (default action DENY)");
+    assert_eq!(
+        d.reason,
+        "no allow rule names this flow (default action DENY)"
+    );
 }
 
 #[test]
@@ -128,7 +232,10 @@ fn overlapping_deny_wins_over_the_allow() {
     assert_eq!((d.verdict, d.alert), (Verdict::Deny, true));
     assert_eq!(d.rule.unwrap().line, 9);
     // Without the overlap the same policy would admit an app identity.
-    assert_eq!(decide(&policy, BILLING, "billing", "x", false).verdict, Verdict::Allow);
+    assert_eq!(
+        decide(&policy, BILLING, "billing", "x", false).verdict,
+        Verdict::Allow
+    );
 }
 
 #[test]
@@ -166,12 +273,25 @@ fn explain_traces_every_rule_and_why() {
     assert_eq!(d, eastwall_config::authorize(&p, &req));
     let all = trace.join("\n");
     assert!(all.contains("segments [\"workstations\"]"), "{all}");
-    assert!(all.contains("policy.ew:9 deny (and alert): APPLIES"), "{all}");
+    assert!(
+        all.contains("policy.ew:9 deny (and alert): APPLIES"),
+        "{all}"
+    );
 
     let who = id(BILLING);
-    let req = Request { id: &who, user: "billing", ..req };
+    let req = Request {
+        id: &who,
+        user: "billing",
+        ..req
+    };
     let (_, trace) = explain(&p, &req);
     let all = trace.join("\n");
-    assert!(all.contains("policy.ew:9 deny (and alert): does not apply"), "{all}");
-    assert!(all.contains("policy.ew:3 allow: grants role \"billing\""), "{all}");
+    assert!(
+        all.contains("policy.ew:9 deny (and alert): does not apply"),
+        "{all}"
+    );
+    assert!(
+        all.contains("policy.ew:3 allow: grants role \"billing\""),
+        "{all}"
+    );
 }

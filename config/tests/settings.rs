@@ -3,7 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use eastwall_config::{Config, ConfigError, PasswordSource, Settings, UpstreamLogin, UpstreamTarget, Verdict};
+use eastwall_config::{
+    Config, ConfigError, PasswordSource, Settings, UpstreamLogin, UpstreamTarget, Verdict,
+};
 
 const EXAMPLE: &str = include_str!("../../examples/eastwall.toml");
 const SEED: &str = include_str!("../../examples/policy.ew");
@@ -87,12 +89,18 @@ fn defaults_are_the_documented_ones() {
     assert!(!s.upstream.allow_plaintext_remote);
     assert_eq!(s.policy_file, PathBuf::from("/etc/eastwall/policy.ew"));
     assert_eq!(s.audit.path, PathBuf::from("/etc/eastwall/decisions.log"));
-    assert_eq!(s.mfa.secrets, PathBuf::from("/etc/eastwall/mfa/secrets.json"));
+    assert_eq!(
+        s.mfa.secrets,
+        PathBuf::from("/etc/eastwall/mfa/secrets.json")
+    );
 }
 
 #[test]
 fn relative_paths_resolve_against_the_config_folder_and_absolute_ones_stay() {
-    let text = MINIMAL.replace("client_ca = \"ca/bundle.pem\"", "client_ca = \"/opt/ca.pem\"");
+    let text = MINIMAL.replace(
+        "client_ca = \"ca/bundle.pem\"",
+        "client_ca = \"/opt/ca.pem\"",
+    );
     let s = settings(&text).unwrap();
     assert_eq!(s.listen.key, PathBuf::from("/etc/eastwall/certs/proxy.key"));
     assert_eq!(s.listen.client_ca, PathBuf::from("/opt/ca.pem"));
@@ -109,7 +117,10 @@ fn unknown_key_is_an_error_with_its_line() {
 fn guards_must_name_a_defined_segment() {
     let lines = refused(&MINIMAL.replace("guards = \"db\"", "guards = \"dbs\""));
     let e = has(&lines, "guards:");
-    assert!(e.starts_with("/etc/eastwall/eastwall.toml:2:10: guards: expected the name of a segment"), "{e}");
+    assert!(
+        e.starts_with("/etc/eastwall/eastwall.toml:2:10: guards: expected the name of a segment"),
+        "{e}"
+    );
     assert!(e.contains("\"app\", \"db\""), "{e}");
 }
 
@@ -121,34 +132,65 @@ fn segment_patterns_must_be_in_our_trust_domain_with_whole_segment_wildcards() {
     ));
     let foreign = has(&lines, "evil.example");
     assert!(foreign.contains(":15:8: segments.app:"), "{foreign}");
-    has(&lines, ":15:40: segments.app: wildcards stand for whole path segments");
+    has(
+        &lines,
+        ":15:40: segments.app: wildcards stand for whole path segments",
+    );
 }
 
 #[test]
 fn a_literal_password_is_refused_with_the_reason() {
-    let lines = refused(&with_upstream("address = \"127.0.0.1:5433\"\nlogin = \"password\"\npassword = \"hunter2\""));
+    let lines = refused(&with_upstream(
+        "address = \"127.0.0.1:5433\"\nlogin = \"password\"\npassword = \"hunter2\"",
+    ));
     let e = has(&lines, "upstream.password:");
-    assert!(e.contains("password_file") && e.contains("password_env"), "{e}");
-    assert!(!e.contains("hunter2"), "the error must not echo the secret: {e}");
+    assert!(
+        e.contains("password_file") && e.contains("password_env"),
+        "{e}"
+    );
+    assert!(
+        !e.contains("hunter2"),
+        "the error must not echo the secret: {e}"
+    );
 }
 
 #[test]
 fn password_login_takes_a_file_or_an_env_var() {
-    let s = settings(&with_upstream("address = \"127.0.0.1:5433\"\nlogin = \"password\"\npassword_file = \"upstream.pw\"")).unwrap();
+    let s = settings(&with_upstream(
+        "address = \"127.0.0.1:5433\"\nlogin = \"password\"\npassword_file = \"upstream.pw\"",
+    ))
+    .unwrap();
     assert_eq!(
         s.upstream.login,
-        UpstreamLogin::Password { user_secrets: PasswordSource::File("/etc/eastwall/upstream.pw".into()) }
+        UpstreamLogin::Password {
+            user_secrets: PasswordSource::File("/etc/eastwall/upstream.pw".into())
+        }
     );
-    let s = settings(&with_upstream("address = \"127.0.0.1:5433\"\nlogin = \"password\"\npassword_env = \"PGPW\"")).unwrap();
-    assert_eq!(s.upstream.login, UpstreamLogin::Password { user_secrets: PasswordSource::Env("PGPW".into()) });
-    let lines = refused(&with_upstream("address = \"127.0.0.1:5433\"\nlogin = \"password\""));
+    let s = settings(&with_upstream(
+        "address = \"127.0.0.1:5433\"\nlogin = \"password\"\npassword_env = \"PGPW\"",
+    ))
+    .unwrap();
+    assert_eq!(
+        s.upstream.login,
+        UpstreamLogin::Password {
+            user_secrets: PasswordSource::Env("PGPW".into())
+        }
+    );
+    let lines = refused(&with_upstream(
+        "address = \"127.0.0.1:5433\"\nlogin = \"password\"",
+    ));
     has(&lines, "expects password_file");
 }
 
 #[test]
 fn keys_of_another_login_mode_are_errors() {
-    let lines = refused(&with_upstream("address = \"127.0.0.1:5433\"\nlogin = \"trust\"\npassword_file = \"pw\""));
-    has(&lines, "upstream.password_file: expected no `password_file` with login = \"trust\"");
+    let lines = refused(&with_upstream(
+        "address = \"127.0.0.1:5433\"\nlogin = \"trust\"\npassword_file = \"pw\"",
+    ));
+    has(
+        &lines,
+        "upstream.password_file: expected no `password_file` with login = \"trust\"",
+    );
 }
 
 #[test]
@@ -156,16 +198,34 @@ fn plaintext_login_to_a_remote_host_is_refused_unless_allowed() {
     let remote = "address = \"db.internal:5432\"\nlogin = \"trust\"";
     let lines = refused(&with_upstream(remote));
     has(&lines, "upstream.address: refusing a plaintext login");
-    let allowed = settings(&with_upstream(&format!("{remote}\nallow_plaintext_remote = true"))).unwrap();
-    assert_eq!(allowed.upstream.target, UpstreamTarget::Tcp { host: "db.internal".into(), port: 5432 });
+    let allowed = settings(&with_upstream(&format!(
+        "{remote}\nallow_plaintext_remote = true"
+    )))
+    .unwrap();
+    assert_eq!(
+        allowed.upstream.target,
+        UpstreamTarget::Tcp {
+            host: "db.internal".into(),
+            port: 5432
+        }
+    );
     // Loopback needs no permission, in either spelling.
-    settings(&with_upstream("address = \"localhost:5433\"\nlogin = \"trust\"")).unwrap();
-    settings(&with_upstream("address = \"[::1]:5433\"\nlogin = \"trust\"")).unwrap();
+    settings(&with_upstream(
+        "address = \"localhost:5433\"\nlogin = \"trust\"",
+    ))
+    .unwrap();
+    settings(&with_upstream(
+        "address = \"[::1]:5433\"\nlogin = \"trust\"",
+    ))
+    .unwrap();
 }
 
 #[test]
 fn cert_login_to_a_remote_host_is_fine_and_defaults_the_server_name() {
-    let s = settings(&with_upstream("address = \"db.internal:5432\"\nlogin = \"cert\"\ncert_dir = \"up\"\nca = \"up/ca.pem\"")).unwrap();
+    let s = settings(&with_upstream(
+        "address = \"db.internal:5432\"\nlogin = \"cert\"\ncert_dir = \"up\"\nca = \"up/ca.pem\"",
+    ))
+    .unwrap();
     assert_eq!(
         s.upstream.login,
         UpstreamLogin::Cert {
@@ -174,15 +234,28 @@ fn cert_login_to_a_remote_host_is_fine_and_defaults_the_server_name() {
             server_name: "db.internal".into()
         }
     );
-    let lines = refused(&with_upstream("socket_dir = \"/run/pg\"\nlogin = \"cert\"\ncert_dir = \"up\"\nca = \"ca.pem\""));
+    let lines = refused(&with_upstream(
+        "socket_dir = \"/run/pg\"\nlogin = \"cert\"\ncert_dir = \"up\"\nca = \"ca.pem\"",
+    ));
     has(&lines, "Unix sockets");
 }
 
 #[test]
 fn unix_socket_upstream_takes_a_port() {
-    let s = settings(&with_upstream("socket_dir = \"/var/run/postgresql\"\nport = 5433\nlogin = \"trust\"")).unwrap();
-    assert_eq!(s.upstream.target, UpstreamTarget::Unix { dir: "/var/run/postgresql".into(), port: 5433 });
-    let lines = refused(&with_upstream("address = \"127.0.0.1:5433\"\nsocket_dir = \"/x\"\nlogin = \"trust\""));
+    let s = settings(&with_upstream(
+        "socket_dir = \"/var/run/postgresql\"\nport = 5433\nlogin = \"trust\"",
+    ))
+    .unwrap();
+    assert_eq!(
+        s.upstream.target,
+        UpstreamTarget::Unix {
+            dir: "/var/run/postgresql".into(),
+            port: 5433
+        }
+    );
+    let lines = refused(&with_upstream(
+        "address = \"127.0.0.1:5433\"\nsocket_dir = \"/x\"\nlogin = \"trust\"",
+    ));
     has(&lines, "not both");
 }
 
@@ -190,20 +263,31 @@ fn unix_socket_upstream_takes_a_port() {
 fn bad_values_name_the_key_and_what_is_valid() {
     let text = format!(
         "{}\n[mfa]\nmax_age = \"five minutes\"\n[limits]\nmax_connections = 0\n",
-        MINIMAL.replace("127.0.0.1:6432", "localhost:6432").replace("login = \"trust\"", "login = \"scram\"")
+        MINIMAL
+            .replace("127.0.0.1:6432", "localhost:6432")
+            .replace("login = \"trust\"", "login = \"scram\"")
     );
     let lines = refused(&text);
     has(&lines, "listen.address: expected an IP address and port");
-    has(&lines, "upstream.login: expected \"trust\", \"password\" or \"cert\", found \"scram\"");
+    has(
+        &lines,
+        "upstream.login: expected \"trust\", \"password\" or \"cert\", found \"scram\"",
+    );
     has(&lines, "mfa.max_age: expected a duration");
-    has(&lines, "limits.max_connections: expected a whole number from 1");
+    has(
+        &lines,
+        "limits.max_connections: expected a whole number from 1",
+    );
     assert!(lines.len() >= 4, "all problems at once: {lines:#?}");
 }
 
 #[test]
 fn toml_syntax_errors_have_a_location() {
     let lines = refused("trust_domain = \"corp.example\nguards = 1\n");
-    assert!(lines[0].starts_with("/etc/eastwall/eastwall.toml:1:"), "{lines:?}");
+    assert!(
+        lines[0].starts_with("/etc/eastwall/eastwall.toml:1:"),
+        "{lines:?}"
+    );
 }
 
 #[test]
@@ -211,7 +295,11 @@ fn policy_errors_surface_through_load() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("eastwall.toml");
     std::fs::write(&path, MINIMAL).unwrap();
-    std::fs::write(dir.path().join("policy.ew"), "allow:\nfrom: segment(\"web\")\nto: segment(\"db\")\n").unwrap();
+    std::fs::write(
+        dir.path().join("policy.ew"),
+        "allow:\nfrom: segment(\"web\")\nto: segment(\"db\")\n",
+    )
+    .unwrap();
     let err = Config::load(&path).unwrap_err();
     let lines = err.lines();
     assert_eq!(lines.len(), 1, "{lines:?}");
@@ -224,7 +312,10 @@ fn missing_policy_file_names_the_path() {
     let path = dir.path().join("eastwall.toml");
     std::fs::write(&path, MINIMAL).unwrap();
     let err = Config::load(&path).unwrap_err().to_string();
-    assert!(err.contains("policy.ew") && err.contains("cannot read"), "{err}");
+    assert!(
+        err.contains("policy.ew") && err.contains("cannot read"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -29,7 +29,10 @@ pub fn segments() -> BTreeMap<String, Vec<String>> {
 
 /// PRODUCT.md's [groups].
 pub fn groups() -> BTreeMap<String, Vec<String>> {
-    sets(&[("human_operators", &["spiffe://corp.example/app/operators/*"])])
+    sets(&[(
+        "human_operators",
+        &["spiffe://corp.example/app/operators/*"],
+    )])
 }
 
 pub fn parse(text: &str) -> Policy {
