@@ -32,7 +32,10 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return usage_error(err),
+    };
     let result = match cli.command {
         Command::Ca(args) => cli::ca::run(args),
         Command::Quickstart(args) => cli::quickstart::run(args),
@@ -48,6 +51,30 @@ fn main() -> std::process::ExitCode {
             // One line a user can act on: the causes joined, never a backtrace.
             eprintln!("eastwall: {err:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Help and version go out as clap writes them; a usage mistake is one line on stderr.
+fn usage_error(err: clap::Error) -> std::process::ExitCode {
+    use clap::error::ErrorKind;
+    match err.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = err.print();
+            if err.use_stderr() {
+                std::process::ExitCode::from(2)
+            } else {
+                std::process::ExitCode::SUCCESS
+            }
+        }
+        _ => {
+            let text = err.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("eastwall: {first} (see --help)");
+            std::process::ExitCode::from(2)
         }
     }
 }

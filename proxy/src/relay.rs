@@ -4,14 +4,19 @@
 //! TLS record (16 KiB) and written straight on. Reads go into one scratch buffer per worker
 //! thread; a session owns memory only while the other side is slow to accept a write, so an
 //! idle session holds no relay buffer at all (tokio's copy_bidirectional pins 16 KiB).
+//!
+//! A session with a deadline (`max_session` for MFA-admitted operators) is ended at a
+//! message boundary of the server's stream, so the client can be told why with a clean
+//! ErrorResponse instead of a torn message. Only such sessions pay for boundary tracking.
 
 use std::cell::RefCell;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
 
 /// One TLS record's worth of plaintext: the largest useful read.
 const CHUNK: usize = 16 * 1024;
@@ -36,6 +41,8 @@ pub enum RelayEnd {
     ServerClosed,
     ClientError(io::Error),
     ServerError(io::Error),
+    /// The session's deadline passed; the server's stream was stopped at a message boundary.
+    Deadline,
 }
 
 impl RelayEnd {
@@ -45,8 +52,65 @@ impl RelayEnd {
             RelayEnd::ServerClosed => "server_closed",
             RelayEnd::ClientError(_) => "client_error",
             RelayEnd::ServerError(_) => "server_error",
+            RelayEnd::Deadline => "max_session",
         }
     }
+}
+
+/// Follows message boundaries in a PostgreSQL stream (1-byte tag, 4-byte length that counts
+/// itself) as bytes pass, without buffering them.
+#[derive(Debug, Default)]
+struct Boundaries {
+    header: [u8; 5],
+    header_len: usize,
+    body_left: u64,
+}
+
+impl Boundaries {
+    fn at_boundary(&self) -> bool {
+        self.header_len == 0 && self.body_left == 0
+    }
+
+    /// Consumes `bytes`; with `stop_at_first`, stops at the first boundary reached and
+    /// returns how many bytes that took, else consumes everything.
+    fn consume(&mut self, bytes: &[u8], stop_at_first: bool) -> usize {
+        let mut i = 0;
+        while i < bytes.len() {
+            if self.body_left > 0 {
+                let take = self.body_left.min((bytes.len() - i) as u64);
+                i += take as usize;
+                self.body_left -= take;
+            } else {
+                self.header[self.header_len] = bytes[i];
+                self.header_len += 1;
+                i += 1;
+                if self.header_len < 5 {
+                    continue;
+                }
+                let len = u32::from_be_bytes([
+                    self.header[1],
+                    self.header[2],
+                    self.header[3],
+                    self.header[4],
+                ]);
+                self.body_left = u64::from(len.saturating_sub(4));
+                self.header_len = 0;
+            }
+            if stop_at_first && self.at_boundary() {
+                return i;
+            }
+        }
+        i
+    }
+}
+
+/// How a pump finished without error.
+#[derive(Debug, PartialEq, Eq)]
+enum Finished {
+    /// The reader reached EOF and the writer was shut down.
+    Eof,
+    /// Asked to stop, it stopped at a message boundary.
+    Stopped,
 }
 
 /// One direction of the pipe.
@@ -59,6 +123,9 @@ struct Pump {
     read_eof: bool,
     done: bool,
     bytes: u64,
+    /// Set when this direction may have to stop at a message boundary.
+    boundaries: Option<Boundaries>,
+    stopping: bool,
 }
 
 /// Which side an I/O error came from.
@@ -75,7 +142,7 @@ impl Pump {
         cx: &mut Context<'_>,
         r: &mut R,
         w: &mut W,
-    ) -> Poll<Result<(), Side>>
+    ) -> Poll<Result<Finished, Side>>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -98,7 +165,17 @@ impl Pump {
                 ready!(Pin::new(&mut *w).poll_flush(cx)).map_err(Side::Write)?;
                 ready!(Pin::new(&mut *w).poll_shutdown(cx)).map_err(Side::Write)?;
                 self.done = true;
-                return Poll::Ready(Ok(()));
+                return Poll::Ready(Ok(Finished::Eof));
+            }
+            if self.stopping
+                && self
+                    .boundaries
+                    .as_ref()
+                    .is_some_and(Boundaries::at_boundary)
+            {
+                ready!(Pin::new(&mut *w).poll_flush(cx)).map_err(Side::Write)?;
+                self.done = true;
+                return Poll::Ready(Ok(Finished::Stopped));
             }
             let step = SCRATCH.with(|scratch| {
                 let mut scratch = scratch.borrow_mut();
@@ -107,10 +184,15 @@ impl Pump {
                     Poll::Pending => Poll::Pending,
                     Poll::Ready(Err(e)) => Poll::Ready(Err(Side::Read(e))),
                     Poll::Ready(Ok(())) => {
-                        let filled = buf.filled().len();
+                        let mut filled = buf.filled().len();
                         if filled == 0 {
                             self.read_eof = true;
                             return Poll::Ready(Ok(()));
+                        }
+                        if let Some(boundaries) = &mut self.boundaries {
+                            // When stopping, what lies past the next boundary is never sent:
+                            // the session ends there.
+                            filled = boundaries.consume(&scratch[..filled], self.stopping);
                         }
                         self.bytes += filled as u64;
                         self.needs_flush = true;
@@ -151,27 +233,39 @@ impl Pump {
     }
 }
 
-/// Relays until the session ends. When the client finishes sending, the server's write side
-/// is shut down and its remaining output still reaches the client; when the server closes,
-/// the session is over.
-pub async fn relay<C, S>(client: &mut C, server: &mut S) -> RelayOutcome
+/// Relays until the session ends, or until `deadline` (then at a message boundary of the
+/// server's stream). When the client finishes sending, the server's write side is shut down
+/// and its remaining output still reaches the client; when the server closes, it is over.
+pub async fn relay<C, S>(client: &mut C, server: &mut S, deadline: Option<Instant>) -> RelayOutcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut up = Pump::default();
-    let mut down = Pump::default();
+    let mut down = Pump {
+        boundaries: deadline.map(|_| Boundaries::default()),
+        ..Pump::default()
+    };
+    let mut timer: Option<Pin<Box<Sleep>>> =
+        deadline.map(|at| Box::pin(tokio::time::sleep_until(at)));
     let end = poll_fn(|cx| {
+        if let Some(sleep) = &mut timer {
+            if sleep.as_mut().poll(cx).is_ready() {
+                down.stopping = true;
+                timer = None;
+            }
+        }
         if !up.done {
             match up.poll_pump(cx, client, server) {
-                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Ok(_)) => {}
                 Poll::Ready(Err(Side::Read(e))) => return Poll::Ready(RelayEnd::ClientError(e)),
                 Poll::Ready(Err(Side::Write(e))) => return Poll::Ready(RelayEnd::ServerError(e)),
                 Poll::Pending => {}
             }
         }
         match down.poll_pump(cx, server, client) {
-            Poll::Ready(Ok(())) => Poll::Ready(if up.done {
+            Poll::Ready(Ok(Finished::Stopped)) => Poll::Ready(RelayEnd::Deadline),
+            Poll::Ready(Ok(Finished::Eof)) => Poll::Ready(if up.done {
                 RelayEnd::ClientClosed
             } else {
                 RelayEnd::ServerClosed
@@ -198,7 +292,7 @@ mod tests {
     async fn bytes_flow_both_ways_and_are_counted() {
         let (mut client_end, mut client) = tokio::io::duplex(64);
         let (mut server, mut server_end) = tokio::io::duplex(64);
-        let relay = tokio::spawn(async move { relay(&mut client, &mut server).await });
+        let relay = tokio::spawn(async move { relay(&mut client, &mut server, None).await });
 
         let big = vec![7u8; 100_000];
         let writer = {
@@ -233,7 +327,7 @@ mod tests {
     async fn server_close_ends_the_session() {
         let (mut client_end, mut client) = tokio::io::duplex(64);
         let (mut server, server_end) = tokio::io::duplex(64);
-        let relay = tokio::spawn(async move { relay(&mut client, &mut server).await });
+        let relay = tokio::spawn(async move { relay(&mut client, &mut server, None).await });
         drop(server_end);
         let outcome = relay.await.unwrap();
         assert!(
@@ -247,5 +341,70 @@ mod tests {
         let mut rest = Vec::new();
         client_end.read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty());
+    }
+
+    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    #[test]
+    fn boundaries_are_found_across_arbitrary_chunking() {
+        let mut stream = message(b'T', b"row description");
+        stream.extend(message(b'D', &[7u8; 100]));
+        stream.extend(message(b'Z', b"I"));
+        let ends = [20usize, 20 + 105, 20 + 105 + 6];
+        for chunk in 1..stream.len() {
+            let mut b = Boundaries::default();
+            let mut seen = Vec::new();
+            let mut pos = 0;
+            for part in stream.chunks(chunk) {
+                let mut off = 0;
+                while off < part.len() {
+                    off += b.consume(&part[off..], true);
+                    if b.at_boundary() {
+                        seen.push(pos + off);
+                    }
+                }
+                pos += part.len();
+            }
+            assert_eq!(seen, ends, "chunk size {chunk}");
+        }
+    }
+
+    #[tokio::test]
+    async fn deadline_stops_the_server_stream_at_a_message_boundary() {
+        let (mut client_end, mut client) = tokio::io::duplex(1 << 16);
+        let (mut server, mut server_end) = tokio::io::duplex(1 << 16);
+        let deadline = Instant::now() + std::time::Duration::from_millis(50);
+        let relay =
+            tokio::spawn(async move { relay(&mut client, &mut server, Some(deadline)).await });
+        // One whole message, then half of the next one arriving after the deadline.
+        let first = message(b'D', &[1u8; 10]);
+        let second = message(b'D', &[2u8; 10]);
+        server_end.write_all(&first).await.unwrap();
+        server_end.write_all(&second[..7]).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        server_end.write_all(&second[7..]).await.unwrap();
+        server_end
+            .write_all(&message(b'D', &[3u8; 10]))
+            .await
+            .unwrap();
+        let outcome = tokio::time::timeout(std::time::Duration::from_secs(5), relay)
+            .await
+            .expect("relay ends")
+            .unwrap();
+        assert!(
+            matches!(outcome.end, RelayEnd::Deadline),
+            "{:?}",
+            outcome.end
+        );
+        let mut got = Vec::new();
+        client_end.read_to_end(&mut got).await.unwrap();
+        let mut expected = first.clone();
+        expected.extend_from_slice(&second);
+        assert_eq!(got, expected, "the client gets whole messages only");
     }
 }

@@ -397,8 +397,22 @@ async fn admit_and_relay(
     drop(out);
 
     let admitted = Instant::now();
-    let outcome = relay::relay(&mut tls, &mut session.stream).await;
+    // Operators' sessions rest on an MFA assertion that ages; max_session bounds how long.
+    let max_session = decision
+        .mfa_group
+        .as_ref()
+        .and(sidecar.settings.mfa.max_session);
+    let deadline = max_session.map(|d| tokio::time::Instant::now() + d);
+    let outcome = relay::relay(&mut tls, &mut session.stream, deadline).await;
     drop(cancel);
+    if let (relay::RelayEnd::Deadline, Some(limit)) = (&outcome.end, max_session) {
+        let _ = terminate(&mut session.stream).await;
+        let message = format!(
+            "terminating connection: the MFA session of {id_text} reached max_session ({}); reconnect and step up again (connection {conn_id})",
+            humantime::format_duration(limit)
+        );
+        send_fatal(&mut tls, "57P01", &message).await;
+    }
 
     let mut end = sidecar.entry(&conn_id, peer, "session_end");
     end.decision = Some("allow");
