@@ -1,0 +1,125 @@
+//! `eastwall demo` end to end, as a newcomer runs it: the built binary, its stdout, its exit.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Builds the `eastwall` binary once per test run and returns its path (the suite's crate
+/// cannot name another package's binary through `CARGO_BIN_EXE_*`).
+fn eastwall() -> &'static PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-q", "-p", "eastwall", "--bin", "eastwall"])
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building eastwall failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+        target.join("debug/eastwall")
+    })
+}
+
+fn demo(args: &[&str]) -> (Output, Duration) {
+    // Build first: the time limit is the demo's, not the compiler's.
+    let bin = eastwall();
+    let started = Instant::now();
+    let out = Command::new(bin)
+        .arg("demo")
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("eastwall demo runs");
+    (out, started.elapsed())
+}
+
+/// The first stdout line that mentions `id` and contains `verdict` after the arrow.
+fn verdict_line<'a>(stdout: &'a str, id: &str, verdict: &str) -> Option<&'a str> {
+    stdout.lines().find(|l| {
+        l.contains(id)
+            && l.split_once(" -> ")
+                .is_some_and(|(_, v)| v.starts_with(verdict))
+    })
+}
+
+#[test]
+fn demo_tells_the_story_and_every_verdict_holds() {
+    let (out, took) = demo(&[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "demo failed\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
+    );
+    assert!(took < Duration::from_secs(30), "demo took {took:?}");
+
+    let billing = "spiffe://corp.example/app/billing";
+    let laptop = "spiffe://corp.example/workstations/finance-laptop";
+    let alice = "spiffe://corp.example/app/operators/alice";
+    for (id, verdict) in [
+        (billing, "allow"),
+        (laptop, "deny + alert"),
+        (laptop, "refused"),
+        (alice, "challenge"),
+        (alice, "allow"),
+    ] {
+        assert!(
+            verdict_line(&stdout, id, verdict).is_some(),
+            "no line naming {id} -> {verdict}\n{stdout}"
+        );
+    }
+    let forged = verdict_line(&stdout, billing, "refused").expect("the forged cert is refused");
+    assert!(forged.contains("another CA"), "{forged}");
+    // The laptop's refusal is a real PostgreSQL error inside TLS, with its SQLSTATE.
+    assert!(stdout.contains("FATAL 28000"), "{stdout}");
+    // The billing query really ran, and alice's session is really hers.
+    assert!(stdout.contains("3 invoices, 4200.00 total"), "{stdout}");
+    assert!(
+        stdout.contains("select current_user  =>  alice"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("chain intact"), "{stdout}");
+    // Not a terminal: no colour codes for a pipe or a log file to choke on.
+    assert!(!stdout.contains('\x1b'), "escape codes in piped output");
+}
+
+#[test]
+fn demo_with_dir_keeps_a_layout_whose_log_verifies_with_the_cli() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let layout = dir.path().join("demo");
+    let (out, _) = demo(&["--dir", layout.to_str().expect("utf-8 temp path")]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for file in [
+        "eastwall.toml",
+        "policy.ew",
+        "certs/billing.pem",
+        "ca/ca.pem",
+    ] {
+        assert!(layout.join(file).is_file(), "{file} not kept");
+    }
+
+    let verify = Command::new(eastwall())
+        .args(["audit", "verify"])
+        .arg(layout.join("decisions.log"))
+        .output()
+        .expect("eastwall audit verify runs");
+    let stdout = String::from_utf8_lossy(&verify.stdout);
+    assert!(verify.status.success(), "{stdout}");
+    assert!(stdout.contains("chain intact"), "{stdout}");
+
+    // A second run into the same folder refuses instead of overwriting the layout.
+    let (again, _) = demo(&["--dir", layout.to_str().expect("utf-8 temp path")]);
+    assert!(!again.status.success());
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        stderr.contains("already holds an Eastwall layout"),
+        "{stderr}"
+    );
+}
