@@ -627,11 +627,16 @@ impl Parser<'_> {
                 let known = [
                     "allow", "deny", "default", "from", "to", "as", "database", "require",
                 ];
-                known
-                    .iter()
-                    .find(|k| edit_distance(k, word) <= 2 && k.len() > 2)
-                    .map(|k| format!(" (did you mean `{k}:`?)"))
-                    .unwrap_or_default()
+                if CLAUSES.contains(&word.as_str()) {
+                    // A real clause keyword, just outside any rule.
+                    format!(" (a `{word}:` line belongs inside a rule: start one with `allow:` or `deny:`)")
+                } else {
+                    known
+                        .iter()
+                        .find(|k| k.len() > 2 && edit_distance(k, word) <= 2)
+                        .map(|k| format!(" (did you mean `{k}:`?)"))
+                        .unwrap_or_default()
+                }
             }
             _ => String::new(),
         };
@@ -680,22 +685,23 @@ impl Parser<'_> {
 
     fn parse_rule(&mut self) {
         let head = self.bump();
+        let mut header_ok = true;
         let kind = if self.is_ident_tok(&head, "allow") {
             RuleKind::Allow
         } else if self.peek().tok == Tok::LParen {
-            match self.parse_alert_suffix() {
-                Ok(()) => RuleKind::DenyAndAlert,
-                Err(Recorded) => {
-                    self.recover();
-                    RuleKind::DenyAndAlert
-                }
+            if self.parse_alert_suffix().is_err() {
+                // One error per broken header: skip to the clauses without also asking for `:`.
+                header_ok = false;
+                self.recover();
             }
+            RuleKind::DenyAndAlert
         } else {
             RuleKind::Deny
         };
-        if self
-            .expect(Tok::Colon, &format!("`:` after `{}`", kind.as_str()))
-            .is_err()
+        if header_ok
+            && self
+                .expect(Tok::Colon, &format!("`:` after `{}`", kind.as_str()))
+                .is_err()
         {
             self.recover();
         }

@@ -48,6 +48,14 @@ fn misspelled_rule_header_is_reported() {
 }
 
 #[test]
+fn clause_outside_a_rule_says_where_it_belongs() {
+    let errs =
+        parse_err("from: segment(\"app\")\nallow:\nfrom: segment(\"app\")\nto: segment(\"db\")\n");
+    let e = only(&errs, "policy.ew:1:1:");
+    assert!(e.contains("belongs inside a rule"), "{e}");
+}
+
+#[test]
 fn rule_with_no_to_is_an_error_at_the_rule() {
     let errs = parse_err("# c\nallow:\nfrom: segment(\"app\")\n");
     assert_eq!(errs.len(), 1, "{errs:#?}");
@@ -76,6 +84,7 @@ fn every_error_is_reported_not_just_the_first() {
     only(&errs, "policy.ew:3:20: expected a port from 1 to 65535");
     only(&errs, "policy.ew:4:10: expected a role name");
     only(&errs, "policy.ew:5:11: expected `alert`");
+    assert_eq!(errs.len(), 4, "one error per mistake: {errs:#?}");
 }
 
 #[test]
