@@ -1,14 +1,19 @@
-//! `eastwall-loadtest`: not built yet; it only parses its arguments.
+//! `eastwall-loadtest`: the same workload against PostgreSQL directly and through Eastwall,
+//! alternated A B A B, reported as per-pair ratios.
 #![forbid(unsafe_code)]
 
-use clap::Parser;
+mod cli;
+mod modes;
+mod report;
+mod stats;
+mod tls;
 
-/// Side-by-side load generator: the same workload direct and through Eastwall.
-#[derive(Debug, Parser)]
-#[command(name = "eastwall-loadtest", version)]
-struct Args {}
-
-fn main() -> anyhow::Result<()> {
-    let _args = Args::parse();
-    anyhow::bail!("eastwall-loadtest only parses its arguments for now; the load modes come with the load-test issue")
+fn main() -> std::process::ExitCode {
+    match cli::run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("eastwall-loadtest: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
