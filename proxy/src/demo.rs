@@ -137,11 +137,11 @@ pub fn run(opts: &Options) -> Result<(), DemoError> {
             running.local_addr
         ));
         let told = story.tell().await;
-        if told.is_ok() && opts.keep {
-            story.keep_up(&running).await;
+        if let (Ok(spent), true) = (&told, opts.keep) {
+            story.keep_up(&running, spent).await;
         }
         running.shutdown().await;
-        told
+        told.map(drop)
     });
     // Sessions and the sidecar stop with the runtime, before the cluster is stopped.
     drop(runtime);
@@ -257,15 +257,17 @@ impl<'a> Story<'a> {
         })
     }
 
-    async fn tell(&self) -> Result<(), DemoError> {
+    /// Plays steps 1 to 5; returns the TOTP code alice spent (it cannot be used again).
+    async fn tell(&self) -> Result<String, DemoError> {
         let billing = self.billing().await?;
         self.laptop().await?;
         self.stolen_goods().await?;
-        let alice = self.alice().await?;
+        let (alice, spent) = self.alice().await?;
         // Sessions end (and log their end) once their clients are gone.
         drop(billing);
         drop(alice);
-        self.incident().await
+        self.incident().await?;
+        Ok(spent)
     }
 
     /// Step 1: the one flow the business needs.
@@ -423,7 +425,7 @@ impl<'a> Story<'a> {
     }
 
     /// Step 4: a human operator, challenged for her second factor.
-    async fn alice(&self) -> Result<Client, DemoError> {
+    async fn alice(&self) -> Result<(Client, String), DemoError> {
         const STEP: &str = "4 (alice's admin shell)";
         let say = self.say;
         say.step(
@@ -488,7 +490,7 @@ impl<'a> Story<'a> {
             return Err(step_err(STEP, "current_user alice", user));
         }
         say.detail(format_args!("select current_user  =>  {user}"));
-        Ok(client)
+        Ok((client, code))
     }
 
     /// Step 5: the contained incident, as the decision log tells it.
@@ -559,7 +561,7 @@ impl<'a> Story<'a> {
 
     /// `--keep`: stay up with copy-paste commands until Ctrl-C or SIGTERM, showing alice's
     /// current code as her authenticator app would.
-    async fn keep_up(&self, running: &Running) {
+    async fn keep_up(&self, running: &Running, spent: &str) {
         let say = self.say;
         say.line("");
         say.line("The sidecar stays up. In another terminal, try it by hand:");
@@ -587,9 +589,12 @@ impl<'a> Story<'a> {
             self.log.display(),
             self.log.display()
         ));
-        say.line("Press Ctrl-C to stop. alice's code, as her app shows it:");
+        say.line(
+            "Press Ctrl-C to stop. alice's codes, as her app shows them (each works once; \
+             the one the demo used is spent, so the first may take up to 30 s):",
+        );
 
-        let mut shown = String::new();
+        let mut shown = spent.to_owned();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let term = async {
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
