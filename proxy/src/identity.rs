@@ -144,6 +144,13 @@ pub fn handshake_failure_reason(err: &std::io::Error) -> &'static str {
             CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
                 "wrong_key_purpose"
             }
+            // rustls has no variant for a CA certificate presented as a client leaf; webpki's
+            // own error rides in `Other`. It is the same SVID rule `identify` enforces, so the
+            // log gives it the same reason whichever layer caught it.
+            CertificateError::Other(other) => match other.0.downcast_ref::<webpki::Error>() {
+                Some(webpki::Error::CaUsedAsEndEntity) => "svid_ca_leaf",
+                _ => "bad_certificate",
+            },
             _ => "bad_certificate",
         },
         RustlsError::NoApplicationProtocol => "alpn_mismatch",
@@ -162,4 +169,52 @@ pub fn handshake_failure_detail(err: &std::io::Error) -> String {
 /// A short connection id that appears in client errors and every log line of the session.
 pub fn new_conn_id() -> String {
     format!("{:016x}", rand::random::<u64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn handshake_error(err: RustlsError) -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, err)
+    }
+
+    #[test]
+    fn ca_leaf_refused_by_webpki_is_logged_as_svid_ca_leaf() {
+        let err = handshake_error(RustlsError::InvalidCertificate(CertificateError::Other(
+            rustls::OtherError(Arc::new(webpki::Error::CaUsedAsEndEntity)),
+        )));
+        assert_eq!(handshake_failure_reason(&err), "svid_ca_leaf");
+    }
+
+    #[test]
+    fn other_webpki_failures_stay_bad_certificate() {
+        let err = handshake_error(RustlsError::InvalidCertificate(CertificateError::Other(
+            rustls::OtherError(Arc::new(webpki::Error::PathLenConstraintViolated)),
+        )));
+        assert_eq!(handshake_failure_reason(&err), "bad_certificate");
+    }
+
+    #[test]
+    fn expired_revoked_and_missing_certificates_have_their_own_reasons() {
+        let cases = [
+            (
+                RustlsError::InvalidCertificate(CertificateError::Expired),
+                "expired",
+            ),
+            (
+                RustlsError::InvalidCertificate(CertificateError::Revoked),
+                "revoked",
+            ),
+            (
+                RustlsError::InvalidCertificate(CertificateError::UnknownIssuer),
+                "untrusted",
+            ),
+            (RustlsError::NoCertificatesPresented, "no_client_cert"),
+        ];
+        for (err, reason) in cases {
+            assert_eq!(handshake_failure_reason(&handshake_error(err)), reason);
+        }
+    }
 }
