@@ -102,17 +102,15 @@ pub async fn psql(conninfo: &str, sql: &str, password: Option<&str>) -> anyhow::
 
 /// What a person at a terminal saw.
 pub struct TerminalRun {
-    /// Everything psql wrote to the terminal (prompt, results, errors).
+    /// Everything the program wrote to the terminal (prompt, results, errors).
     pub screen: String,
     pub success: bool,
-    /// Whether psql asked for a password.
+    /// Whether the prompt showed.
     pub prompted: bool,
 }
 
-/// Runs `psql -X -d CONNINFO -c SQL` on a pseudo-terminal (util-linux `script` gives it one as
-/// its controlling terminal) and, like a person, types `answer()` followed by Enter once the
-/// password prompt is on screen. psql discards tty input that arrives before it prompts, so
-/// the code is computed and typed only after the prompt shows.
+/// Runs `psql -X -d CONNINFO -c SQL` on a pseudo-terminal and, like a person, types
+/// `answer()` followed by Enter once the password prompt is on screen.
 pub async fn psql_on_terminal(
     conninfo: &str,
     sql: &str,
@@ -123,12 +121,23 @@ pub async fn psql_on_terminal(
         shell_quote(conninfo),
         shell_quote(sql)
     );
+    on_terminal(&psql, "Password", answer).await
+}
+
+/// Runs a shell command line on a pseudo-terminal (util-linux `script` makes it the controlling
+/// terminal) and types `answer()` and Enter once `prompt` shows. psql discards tty input that
+/// arrives before it prompts, so the answer is computed and typed only after the prompt.
+pub async fn on_terminal(
+    command_line: &str,
+    prompt: &str,
+    answer: impl FnOnce() -> String,
+) -> anyhow::Result<TerminalRun> {
     let mut cmd = libpq_command("script");
-    cmd.args(["-qec", &psql, "/dev/null"])
+    cmd.args(["-qec", command_line, "/dev/null"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = cmd.spawn().context("starting script(1) around psql")?;
+    let mut child = cmd.spawn().context("starting script(1)")?;
     let mut stdin = child.stdin.take().context("script's stdin")?;
     let mut stdout = child.stdout.take().context("script's stdout")?;
     let mut answer = Some(answer);
@@ -140,7 +149,7 @@ pub async fn psql_on_terminal(
         let n = match tokio::time::timeout_at(deadline, stdout.read(&mut buf)).await {
             Ok(n) => n?,
             Err(_) => bail!(
-                "psql on a terminal did not finish within {PROGRAM_TIMEOUT:?}; screen so far:\n{}",
+                "{command_line} on a terminal did not finish within {PROGRAM_TIMEOUT:?}; screen so far:\n{}",
                 String::from_utf8_lossy(&screen)
             ),
         };
@@ -148,7 +157,7 @@ pub async fn psql_on_terminal(
             break;
         }
         screen.extend_from_slice(&buf[..n]);
-        if !prompted && String::from_utf8_lossy(&screen).contains("Password") {
+        if !prompted && String::from_utf8_lossy(&screen).contains(prompt) {
             prompted = true;
             if let Some(answer) = answer.take() {
                 let line = format!("{}\n", answer());
@@ -169,7 +178,7 @@ pub async fn psql_on_terminal(
     })
 }
 
-fn shell_quote(s: &str) -> String {
+pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
