@@ -20,11 +20,14 @@ use crate::{client_config, connect_with, pg_config};
 /// refusal is the policy's doing, not a missing role.
 pub const SAMPLE_ROLES: &[&str] = &["billing", "alice", "finance-laptop"];
 
+/// A change to eastwall.toml's text, applied before the sidecar loads it.
+pub type ConfigEdit = Box<dyn FnOnce(&mut String) + Send>;
+
 /// How to build a deployment.
 pub struct SidecarOptions {
     pub upstream_auth: UpstreamAuth,
     /// Edits eastwall.toml before the sidecar loads it (e.g. to add `[limits]`).
-    pub edit_config: Option<Box<dyn FnOnce(&mut String) + Send>>,
+    pub edit_config: Option<ConfigEdit>,
     /// Start the HTTPS step-up endpoint on a free port.
     pub stepup: bool,
 }
@@ -109,7 +112,7 @@ impl Deployment {
         cluster: Cluster,
         layout: Layout,
         dir: TempDir,
-        edit: Option<Box<dyn FnOnce(&mut String) + Send>>,
+        edit: Option<ConfigEdit>,
     ) -> anyhow::Result<Deployment> {
         if let Some(edit) = edit {
             let mut text = std::fs::read_to_string(&layout.config)?;
