@@ -142,12 +142,35 @@ async fn twenty_wrong_codes_lock_the_operator_out_and_another_is_unaffected() ->
         printed.contains('█') || printed.contains('▀'),
         "no QR code:\n{printed}"
     );
-    let secret = printed
+    let first_secret = printed
         .lines()
         .find_map(|l| l.strip_prefix("secret (base32): "))
         .expect("enroll prints the secret")
         .trim()
         .to_owned();
+    // Enrolling again would silently break bob's authenticator: it takes --force.
+    let enroll_again = |force: bool| {
+        let mut cmd = libpq_command(bin.to_str().unwrap_or_default());
+        cmd.args(["mfa", "enroll", "--config"])
+            .arg(&d.layout.config)
+            .arg(BOB);
+        if force {
+            cmd.arg("--force");
+        }
+        output(cmd)
+    };
+    let out = enroll_again(false).await?;
+    assert!(!out.status.success(), "re-enrolled without --force");
+    assert!(stderr(&out).contains("pass --force"), "{}", stderr(&out));
+    let out = enroll_again(true).await?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let secret = stdout(&out)
+        .lines()
+        .find_map(|l| l.strip_prefix("secret (base32): "))
+        .expect("enroll --force prints the new secret")
+        .trim()
+        .to_owned();
+    assert_ne!(secret, first_secret, "--force makes a new secret");
     let mut list = libpq_command(bin.to_str().unwrap_or_default());
     list.args(["mfa", "list", "--config"]).arg(&d.layout.config);
     let out = output(list).await?;
