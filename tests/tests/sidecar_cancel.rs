@@ -91,3 +91,96 @@ async fn a_wrong_key_cancels_nothing() -> anyhow::Result<()> {
     assert!(sent.elapsed() < Duration::from_secs(2));
     assert_still_serves(&d).await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_inside_tls_with_a_certificate_works_too() -> anyhow::Result<()> {
+    let d = Deployment::start(SidecarOptions::default()).await?;
+    let tls = d.tls_for("billing")?;
+    let client = connect_with(&d.pg_config("billing", "postgres"), tls.clone()).await?;
+    let token = client.cancel_token();
+    let sleeper = tokio::spawn(async move { client.simple_query("select pg_sleep(30)").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent = Instant::now();
+    // sslmode=require: SSLRequest, TLS with billing's certificate, CancelRequest inside.
+    token
+        .cancel_query(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
+        .await?;
+    let err = tokio::time::timeout(Duration::from_secs(10), sleeper)
+        .await??
+        .err()
+        .expect("cancelled");
+    assert_eq!(err.code().map(|c| c.code()), Some("57014"), "{err}");
+    assert!(sent.elapsed() < Duration::from_secs(2));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_reaches_a_cert_login_upstream() -> anyhow::Result<()> {
+    let d = Deployment::start(SidecarOptions {
+        upstream_auth: eastwall::quickstart::UpstreamAuth::Cert,
+        ..SidecarOptions::default()
+    })
+    .await?;
+    let (mut session, pid, key) = raw_session(&d, "billing", "billing").await?;
+    session.send(&query("select pg_sleep(30)")).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent = Instant::now();
+    let mut sock = tcp(&d).await?;
+    sock.write_all(&cancel_request(pid, &key)).await?;
+    let msgs = session.until_ready().await?;
+    let err = msgs
+        .iter()
+        .find(|m| m.tag == b'E')
+        .expect("an ErrorResponse");
+    assert_eq!(err.field(b'C').as_deref(), Some("57014"), "{msgs:?}");
+    assert!(sent.elapsed() < Duration::from_secs(2));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_ctrl_c_cancels_through_the_proxy() -> anyhow::Result<()> {
+    let d = Deployment::start(SidecarOptions::default()).await?;
+    let conninfo = d.conninfo("billing", "billing", "postgres");
+    let psql = tokio::process::Command::new(sidecar_common::pg_binary("psql"))
+        .args([conninfo.as_str(), "-X", "-c", "select pg_sleep(30)"])
+        .env("PGCONNECT_TIMEOUT", "10")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = psql.id().expect("psql is running");
+    // Wait until the query runs upstream.
+    let started = Instant::now();
+    loop {
+        let running = d
+            .cluster
+            .run_sql("select count(*) from pg_stat_activity where query = 'select pg_sleep(30)'")
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        if running.trim() == "1" {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "psql never ran its query"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sent = Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()?;
+    assert!(status.success());
+    let out = tokio::time::timeout(Duration::from_secs(10), psql.wait_with_output()).await??;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("canceling statement due to user request"),
+        "{stderr}"
+    );
+    assert!(
+        sent.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        sent.elapsed()
+    );
+    Ok(())
+}
