@@ -152,11 +152,11 @@ async fn twenty_wrong_codes_lock_the_operator_out_and_another_is_unaffected() ->
     let enroll_again = |force: bool| {
         let mut cmd = libpq_command(bin.to_str().unwrap_or_default());
         cmd.args(["mfa", "enroll", "--config"])
-            .arg(&d.layout.config)
-            .arg(BOB);
+            .arg(&d.layout.config);
         if force {
             cmd.arg("--force");
         }
+        cmd.arg(BOB);
         output(cmd)
     };
     let out = enroll_again(false).await?;
