@@ -21,11 +21,10 @@ async fn a_code_admits_once_and_replayed_or_wrong_codes_get_28p01() -> anyhow::R
     assert_eq!(stdout(&out).trim(), "alice", "{}", stderr(&out));
 
     // The same code again, from tokio-postgres and from psql.
-    let err = d
-        .connect_with_password("alice", "alice", &code)
-        .await
-        .err()
-        .expect("a replayed code is refused");
+    let err = refused(
+        d.connect_with_password("alice", "alice", &code).await,
+        "a replayed code is refused",
+    )?;
     assert_eq!(sqlstate(&err), Some("28P01"), "{err}");
     let out = psql(&conninfo, "select current_user", Some(&code)).await?;
     assert!(!out.status.success(), "replay admitted: {}", stdout(&out));
@@ -36,11 +35,10 @@ async fn a_code_admits_once_and_replayed_or_wrong_codes_get_28p01() -> anyhow::R
     );
 
     let wrong = wrong_code(&d, SystemTime::now());
-    let err = d
-        .connect_with_password("alice", "alice", &wrong)
-        .await
-        .err()
-        .expect("a wrong code is refused");
+    let err = refused(
+        d.connect_with_password("alice", "alice", &wrong).await,
+        "a wrong code is refused",
+    )?;
     assert_eq!(sqlstate(&err), Some("28P01"), "{err}");
 
     d.wait_for_decision(|l| l["reason"] == "mfa_wrong_code")
@@ -80,19 +78,18 @@ async fn twenty_wrong_codes_lock_the_operator_out_and_another_is_unaffected() ->
 
     for attempt in 1..=20 {
         let wrong = wrong_code(&d, SystemTime::now());
-        let err = d
-            .connect_with_password("alice", "alice", &wrong)
-            .await
-            .err()
-            .unwrap_or_else(|| panic!("wrong code {attempt} admitted"));
+        let err = refused(
+            d.connect_with_password("alice", "alice", &wrong).await,
+            &format!("wrong code {attempt} refused"),
+        )?;
         assert_eq!(sqlstate(&err), Some("28P01"), "attempt {attempt}: {err}");
     }
     // The right code, now: still refused, and the client is told why.
-    let err = d
-        .connect_with_password("alice", "alice", &d.alice_code(SystemTime::now()))
-        .await
-        .err()
-        .expect("locked out even for the right code");
+    let err = refused(
+        d.connect_with_password("alice", "alice", &d.alice_code(SystemTime::now()))
+            .await,
+        "locked out even for the right code",
+    )?;
     assert_eq!(sqlstate(&err), Some("28P01"), "{err}");
     let message = err
         .as_db_error()
@@ -210,10 +207,10 @@ async fn twenty_wrong_codes_lock_the_operator_out_and_another_is_unaffected() ->
     let next =
         eastwall::mfa::totp::code_from_base32(&secret, SystemTime::now() + Duration::from_secs(30))
             .ok_or_else(|| anyhow::anyhow!("bad secret {secret}"))?;
-    let err = connect_as(&d, &bob, "bob", Some(&next))
-        .await?
-        .err()
-        .expect("a removed operator is refused");
+    let err = refused(
+        connect_as(&d, &bob, "bob", Some(&next)).await?,
+        "a removed operator is refused",
+    )?;
     assert_eq!(sqlstate(&err), Some("28P01"), "{err}");
     d.wait_for_decision(|l| l["spiffe_id"] == BOB && l["reason"] == "mfa_not_enrolled")
         .await?;

@@ -44,11 +44,10 @@ async fn the_workstation_is_denied_before_mfa_even_with_a_valid_code() -> anyhow
     let d = Deployment::start(SidecarOptions::default()).await?;
     let code = d.alice_code(SystemTime::now());
     for role in ["finance-laptop", "alice"] {
-        let err = d
-            .connect_with_password("finance-laptop", role, &code)
-            .await
-            .err()
-            .unwrap_or_else(|| panic!("the laptop was admitted as {role}"));
+        let err = refused(
+            d.connect_with_password("finance-laptop", role, &code).await,
+            &format!("the laptop refused as {role}"),
+        )?;
         assert_eq!(sqlstate(&err), Some("28000"), "{err}");
     }
     let out = psql(

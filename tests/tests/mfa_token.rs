@@ -106,10 +106,10 @@ async fn a_token_runs_pg_dump_with_four_jobs_and_only_with_its_certificate() -> 
 
     // Another certificate for the same SPIFFE ID cannot use it...
     let other = issue_cert(&d, ALICE, "alice-second")?;
-    let err = connect_as(&d, &other, "alice", Some(token))
-        .await?
-        .err()
-        .expect("a token is bound to its certificate");
+    let err = refused(
+        connect_as(&d, &other, "alice", Some(token)).await?,
+        "a token is bound to its certificate",
+    )?;
     assert_eq!(sqlstate(&err), Some("28P01"), "{err}");
     let line = d
         .wait_for_decision(|l| l["reason"] == "mfa_token_other_cert")
@@ -164,11 +164,10 @@ async fn a_token_is_refused_after_max_age() -> anyhow::Result<()> {
     let client = d.connect_with_password("alice", "alice", &token).await?;
     drop(client);
     tokio::time::sleep(Duration::from_secs(4).saturating_sub(issued.elapsed())).await;
-    let err = d
-        .connect_with_password("alice", "alice", &token)
-        .await
-        .err()
-        .expect("an expired token is refused");
+    let err = refused(
+        d.connect_with_password("alice", "alice", &token).await,
+        "an expired token is refused",
+    )?;
     assert_eq!(sqlstate(&err), Some("28P01"), "{err}");
     let line = d
         .wait_for_decision(|l| l["reason"] == "mfa_expired_token")

@@ -287,6 +287,17 @@ pub fn conninfo_with(d: &Deployment, cert: &CertFiles, role: &str) -> String {
     )
 }
 
+/// The error of a connection that must have been refused; `what` names it when it was not.
+pub fn refused<T>(
+    result: Result<T, tokio_postgres::Error>,
+    what: &str,
+) -> anyhow::Result<tokio_postgres::Error> {
+    match result {
+        Ok(_) => Err(anyhow!("connection admitted; expected: {what}")),
+        Err(err) => Ok(err),
+    }
+}
+
 /// The SQLSTATE of a failed connection, for assertions.
 pub fn sqlstate(err: &tokio_postgres::Error) -> Option<&str> {
     err.code().map(|c| c.code())
