@@ -184,3 +184,26 @@ async fn psql_ctrl_c_cancels_through_the_proxy() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn cancel_guesses_are_rate_limited_per_source() -> anyhow::Result<()> {
+    let d = Deployment::start(SidecarOptions::default()).await?;
+    // Default: 10 cancel requests per second per source address.
+    for i in 0..40u32 {
+        let mut sock = tcp(&d).await?;
+        sock.write_all(&cancel_request(i + 1, &[0, 0, 0, 0]))
+            .await?;
+        sidecar_common::read_to_close(&mut sock, Duration::from_secs(5)).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let logged = d
+        .decisions()?
+        .into_iter()
+        .filter(|l| l["event"] == "cancel")
+        .count();
+    assert!(
+        (1..40).contains(&logged),
+        "guesses beyond the rate are dropped unlogged: {logged} of 40 logged"
+    );
+    assert_still_serves(&d).await
+}

@@ -154,3 +154,77 @@ async fn tls_1_2_clients_are_served() -> anyhow::Result<()> {
     assert_eq!(line["tls_version"], "TLSv1_2");
     Ok(())
 }
+
+/// Opens TLS as billing and sends a startup with these parameters; returns the first reply.
+async fn startup_reply(
+    d: &Deployment,
+    params: &[(&str, &str)],
+) -> anyhow::Result<Vec<sidecar_common::Msg>> {
+    let mut sock = tcp(d).await?;
+    sock.write_all(&ssl_request()).await?;
+    let mut s = [0u8; 1];
+    sock.read_exact(&mut s).await?;
+    let tls = tls_over(sock, d.tls_for("billing")?).await?;
+    let mut session = MsgReader::new(tls);
+    session
+        .send(&sidecar_common::startup_with_version(
+            eastwall::codec::PROTOCOL_3_0,
+            params,
+        ))
+        .await?;
+    let mut msgs = Vec::new();
+    while let Some(msg) = session.next_within(Duration::from_secs(10)).await? {
+        let end = msg.tag == b'E' || msg.tag == b'Z';
+        msgs.push(msg);
+        if end {
+            break;
+        }
+    }
+    Ok(msgs)
+}
+
+#[tokio::test]
+async fn missing_user_and_replication_are_refused() -> anyhow::Result<()> {
+    let d = Deployment::start(SidecarOptions::default()).await?;
+    let msgs = startup_reply(&d, &[("database", "postgres")]).await?;
+    assert_eq!(msgs.len(), 1, "{msgs:?}");
+    assert_eq!(msgs[0].tag, b'E');
+    assert_eq!(msgs[0].field(b'C').as_deref(), Some("28000"));
+    assert!(msgs[0]
+        .field(b'M')
+        .is_some_and(|m| m.contains("no PostgreSQL user name")));
+
+    let msgs = startup_reply(
+        &d,
+        &[
+            ("user", "billing"),
+            ("database", "postgres"),
+            ("replication", "database"),
+        ],
+    )
+    .await?;
+    assert_eq!((msgs.len(), msgs[0].tag), (1, b'E'), "{msgs:?}");
+    assert_eq!(msgs[0].field(b'C').as_deref(), Some("28000"));
+
+    // replication=false is an ordinary session.
+    let msgs = startup_reply(
+        &d,
+        &[
+            ("user", "billing"),
+            ("database", "postgres"),
+            ("replication", "false"),
+        ],
+    )
+    .await?;
+    assert_eq!(msgs.last().map(|m| m.tag), Some(b'Z'), "{msgs:?}");
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reasons: Vec<String> = d
+        .decisions()?
+        .iter()
+        .filter(|l| l["decision"] == "deny")
+        .filter_map(|l| l["reason"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(reasons, ["no_user", "replication_refused"]);
+    assert_still_serves(&d).await
+}

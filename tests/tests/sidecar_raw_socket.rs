@@ -222,3 +222,44 @@ async fn newer_protocol_minor_gets_negotiate_protocol_version() -> anyhow::Resul
     );
     assert_still_serves(&d).await
 }
+
+#[tokio::test]
+async fn tls_sessions_are_never_resumed() -> anyhow::Result<()> {
+    let d = Deployment::start(SidecarOptions::default()).await?;
+    // One client config, so a resumable session would be offered on the second handshake;
+    // resumption would skip the CRL and expiry checks of the client certificate.
+    let config = d.tls_for("billing")?;
+    for round in 0..2 {
+        let mut sock = tcp(&d).await?;
+        sock.write_all(&ssl_request()).await?;
+        assert_eq!(read_byte(&mut sock).await?, b'S');
+        let tls = tls_over(sock, config.clone()).await?;
+        assert_eq!(
+            tls.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Full),
+            "round {round}"
+        );
+        let mut session = MsgReader::new(tls);
+        session.send(&startup("billing", "postgres")).await?;
+        session.until_ready().await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn encryption_request_inside_tls_is_a_violation() -> anyhow::Result<()> {
+    let d = Deployment::start(SidecarOptions::default()).await?;
+    let mut sock = tcp(&d).await?;
+    sock.write_all(&ssl_request()).await?;
+    assert_eq!(read_byte(&mut sock).await?, b'S');
+    let tls = tls_over(sock, d.tls_for("billing")?).await?;
+    let mut session = MsgReader::new(tls);
+    session.send(&ssl_request()).await?;
+    let reply = read_to_close(&mut session.stream, CLOSE_WITHIN).await?;
+    assert!(reply.is_empty(), "{reply:?}");
+    let line = one_decision(&d, |l| l["reason"] == "protocol_violation").await?;
+    assert!(line["detail"]
+        .as_str()
+        .is_some_and(|s| s.contains("inside TLS")));
+    assert_still_serves(&d).await
+}

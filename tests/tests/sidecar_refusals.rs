@@ -255,3 +255,35 @@ async fn billing_asking_for_postgres_is_denied_without_naming_the_rule() -> anyh
     assert_eq!(d.decisions()?.len(), 1);
     assert_still_serves(&d).await
 }
+
+#[tokio::test]
+async fn every_other_broken_svid_has_its_own_reason() -> anyhow::Result<()> {
+    let d = Deployment::start(SidecarOptions::default()).await?;
+    let ca = our_ca(&d)?;
+    let cases = [
+        (Flaw::NoUriSan, "svid_no_uri", true),
+        (Flaw::NonSpiffeUri, "svid_bad_id", true),
+        (Flaw::ForeignTrustDomain, "svid_foreign_domain", true),
+        // No clientAuth EKU: webpki refuses it in the handshake.
+        (Flaw::ServerAuthOnly, "wrong_key_purpose", false),
+    ];
+    for (flaw, reason, inside_tls) in cases {
+        let cert = issue_flawed(&ca, &billing_request()?, flaw)?;
+        let key = cert.key_pem.clone().unwrap_or_default();
+        let err = connect_as(&d, Some((&cert.cert_pem, &key)), "billing")
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{flaw:?} admitted"));
+        if inside_tls {
+            let db = err.as_db_error().expect("FATAL inside TLS");
+            assert_eq!(db.code().code(), "28000", "{flaw:?}");
+        } else {
+            assert!(err.code().is_none(), "{flaw:?}: {err}");
+        }
+        let line = one_decision(&d, |l| l["reason"] == reason).await?;
+        assert_eq!(line["decision"], "deny", "{flaw:?}");
+        assert!(line["spiffe_id"].is_null(), "{flaw:?}: {line}");
+    }
+    assert_eq!(d.decisions()?.len(), cases.len());
+    assert_still_serves(&d).await
+}
