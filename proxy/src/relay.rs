@@ -43,6 +43,8 @@ pub enum RelayEnd {
     ServerError(io::Error),
     /// The session's deadline passed; the server's stream was stopped at a message boundary.
     Deadline,
+    /// Nothing crossed the session in either direction for the idle timeout.
+    Idle,
 }
 
 impl RelayEnd {
@@ -53,6 +55,7 @@ impl RelayEnd {
             RelayEnd::ClientError(_) => "client_error",
             RelayEnd::ServerError(_) => "server_error",
             RelayEnd::Deadline => "max_session",
+            RelayEnd::Idle => "idle_timeout",
         }
     }
 }
@@ -233,22 +236,46 @@ impl Pump {
     }
 }
 
+/// When a relayed session must end even though both sides still want it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RelayLimits {
+    /// Stop at the next message boundary of the server's stream after this instant.
+    pub deadline: Option<Instant>,
+    /// End when no byte has crossed in either direction for this long.
+    pub idle: Option<std::time::Duration>,
+}
+
 /// Relays until the session ends, or until `deadline` (then at a message boundary of the
 /// server's stream). When the client finishes sending, the server's write side is shut down
 /// and its remaining output still reaches the client; when the server closes, it is over.
-pub async fn relay<C, S>(client: &mut C, server: &mut S, deadline: Option<Instant>) -> RelayOutcome
+pub async fn relay<C, S>(client: &mut C, server: &mut S, limits: RelayLimits) -> RelayOutcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut up = Pump::default();
     let mut down = Pump {
-        boundaries: deadline.map(|_| Boundaries::default()),
+        boundaries: limits.deadline.map(|_| Boundaries::default()),
         ..Pump::default()
     };
-    let mut timer: Option<Pin<Box<Sleep>>> =
-        deadline.map(|at| Box::pin(tokio::time::sleep_until(at)));
+    let mut timer: Option<Pin<Box<Sleep>>> = limits
+        .deadline
+        .map(|at| Box::pin(tokio::time::sleep_until(at)));
+    // The idle timer is re-armed whenever bytes moved since the last wake-up.
+    let mut idle: Option<(Pin<Box<Sleep>>, u64)> = limits
+        .idle
+        .map(|after| (Box::pin(tokio::time::sleep(after)), 0));
     let end = poll_fn(|cx| {
+        if let (Some((sleep, seen)), Some(after)) = (&mut idle, limits.idle) {
+            let moved = up.bytes + down.bytes;
+            if moved != *seen {
+                *seen = moved;
+                sleep.as_mut().reset(Instant::now() + after);
+            }
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(RelayEnd::Idle);
+            }
+        }
         if let Some(sleep) = &mut timer {
             if sleep.as_mut().poll(cx).is_ready() {
                 down.stopping = true;
@@ -292,7 +319,10 @@ mod tests {
     async fn bytes_flow_both_ways_and_are_counted() {
         let (mut client_end, mut client) = tokio::io::duplex(64);
         let (mut server, mut server_end) = tokio::io::duplex(64);
-        let relay = tokio::spawn(async move { relay(&mut client, &mut server, None).await });
+        let relay =
+            tokio::spawn(
+                async move { relay(&mut client, &mut server, RelayLimits::default()).await },
+            );
 
         let big = vec![7u8; 100_000];
         let writer = {
@@ -327,7 +357,10 @@ mod tests {
     async fn server_close_ends_the_session() {
         let (mut client_end, mut client) = tokio::io::duplex(64);
         let (mut server, server_end) = tokio::io::duplex(64);
-        let relay = tokio::spawn(async move { relay(&mut client, &mut server, None).await });
+        let relay =
+            tokio::spawn(
+                async move { relay(&mut client, &mut server, RelayLimits::default()).await },
+            );
         drop(server_end);
         let outcome = relay.await.unwrap();
         assert!(
@@ -379,8 +412,17 @@ mod tests {
         let (mut client_end, mut client) = tokio::io::duplex(1 << 16);
         let (mut server, mut server_end) = tokio::io::duplex(1 << 16);
         let deadline = Instant::now() + std::time::Duration::from_millis(50);
-        let relay =
-            tokio::spawn(async move { relay(&mut client, &mut server, Some(deadline)).await });
+        let relay = tokio::spawn(async move {
+            relay(
+                &mut client,
+                &mut server,
+                RelayLimits {
+                    deadline: Some(deadline),
+                    idle: None,
+                },
+            )
+            .await
+        });
         // One whole message, then half of the next one arriving after the deadline.
         let first = message(b'D', &[1u8; 10]);
         let second = message(b'D', &[2u8; 10]);
@@ -406,5 +448,30 @@ mod tests {
         let mut expected = first.clone();
         expected.extend_from_slice(&second);
         assert_eq!(got, expected, "the client gets whole messages only");
+    }
+
+    #[tokio::test]
+    async fn idle_sessions_end_and_busy_ones_do_not() {
+        let (mut client_end, mut client) = tokio::io::duplex(1024);
+        let (mut server, mut server_end) = tokio::io::duplex(1024);
+        let limits = RelayLimits {
+            deadline: None,
+            idle: Some(std::time::Duration::from_millis(300)),
+        };
+        let relay = tokio::spawn(async move { relay(&mut client, &mut server, limits).await });
+        // Traffic every 100 ms for a second keeps it alive past three idle periods.
+        for _ in 0..10 {
+            client_end.write_all(b"x").await.unwrap();
+            let mut one = [0u8; 1];
+            server_end.read_exact(&mut one).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(!relay.is_finished(), "a busy session was ended");
+        let outcome = tokio::time::timeout(std::time::Duration::from_secs(5), relay)
+            .await
+            .expect("an idle session ends")
+            .unwrap();
+        assert!(matches!(outcome.end, RelayEnd::Idle), "{:?}", outcome.end);
+        assert_eq!(outcome.client_to_server, 10);
     }
 }

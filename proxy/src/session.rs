@@ -403,14 +403,25 @@ async fn admit_and_relay(
         .as_ref()
         .and(sidecar.settings.mfa.max_session);
     let deadline = max_session.map(|d| tokio::time::Instant::now() + d);
-    let outcome = relay::relay(&mut tls, &mut session.stream, deadline).await;
+    let limits = relay::RelayLimits {
+        deadline,
+        idle: sidecar.settings.limits.idle_timeout,
+    };
+    let outcome = relay::relay(&mut tls, &mut session.stream, limits).await;
     drop(cancel);
-    if let (relay::RelayEnd::Deadline, Some(limit)) = (&outcome.end, max_session) {
-        let _ = terminate(&mut session.stream).await;
-        let message = format!(
+    let ended_by_us = match (&outcome.end, max_session, limits.idle) {
+        (relay::RelayEnd::Deadline, Some(limit), _) => Some(format!(
             "terminating connection: the MFA session of {id_text} reached max_session ({}); reconnect and step up again (connection {conn_id})",
             humantime::format_duration(limit)
-        );
+        )),
+        (relay::RelayEnd::Idle, _, Some(idle)) => Some(format!(
+            "terminating connection: idle for {} (connection {conn_id})",
+            humantime::format_duration(idle)
+        )),
+        _ => None,
+    };
+    if let Some(message) = ended_by_us {
+        let _ = terminate(&mut session.stream).await;
         send_fatal(&mut tls, "57P01", &message).await;
     }
 

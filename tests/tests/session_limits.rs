@@ -1,5 +1,6 @@
-//! `[mfa] max_session`: an operator's session ends with FATAL 57P01 when its MFA assertion
-//! is too old, at a message boundary, and the decision log says why. Services are not bound.
+//! Sessions the proxy ends itself: `[mfa] max_session` ends an operator's session when its MFA
+//! assertion is too old, `[limits] idle_timeout` ends a quiet one; both with FATAL 57P01 at a
+//! message boundary, and the decision log says why. Services are not bound by max_session.
 
 use std::time::{Duration, SystemTime};
 
@@ -49,5 +50,37 @@ async fn service_sessions_are_not_bound_by_max_session() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let row = billing.query_one("select 40 + 2", &[]).await?;
     assert_eq!(row.get::<_, i32>(0), 42);
+    Ok(())
+}
+
+#[tokio::test]
+async fn idle_sessions_end_with_57p01_and_a_logged_reason() -> anyhow::Result<()> {
+    let d = Deployment::start(SidecarOptions {
+        edit_config: Some(Box::new(|text: &mut String| {
+            text.push_str("\n[limits]\nidle_timeout = \"1s\"\n");
+        })),
+        ..SidecarOptions::default()
+    })
+    .await?;
+    let billing = d.connect("billing", "billing").await?;
+    // Busy for longer than the idle timeout: not ended.
+    for _ in 0..6 {
+        billing.simple_query("select 1").await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let err = billing
+        .simple_query("select 1")
+        .await
+        .expect_err("the idle session was ended");
+    // The FATAL arrived while the client was idle; tokio-postgres reports it on the next use
+    // either as the ErrorResponse itself or as a closed connection.
+    if let Some(db) = err.as_db_error() {
+        assert_eq!(db.code().code(), "57P01", "{db:?}");
+    }
+    let end = d
+        .wait_for_decision(|l| l["event"] == "session_end" && l["db_user"] == "billing")
+        .await?;
+    assert_eq!(end["reason"], "idle_timeout");
     Ok(())
 }
