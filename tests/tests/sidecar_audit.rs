@@ -81,21 +81,21 @@ async fn a_real_log_verifies_and_each_tampering_is_found_at_its_line() -> anyhow
     }
     assert_ne!(edited[target], lines[target]);
     write_lines(&copy, &edited)?;
-    let err = verify(&copy).err().expect("an edited line fails");
+    let err = verify(&copy).expect_err("an edited line fails");
     assert_eq!(err.line(), Some(target + 1), "{err}");
 
     // Deleted: the line after the gap no longer chains.
     let mut deleted = lines.clone();
     deleted.remove(target);
     write_lines(&copy, &deleted)?;
-    let err = verify(&copy).err().expect("a deleted line fails");
+    let err = verify(&copy).expect_err("a deleted line fails");
     assert_eq!(err.line(), Some(target + 1), "{err}");
 
     // Reordered: two neighbours swapped.
     let mut swapped = lines.clone();
     swapped.swap(target, target + 1);
     write_lines(&copy, &swapped)?;
-    let err = verify(&copy).err().expect("reordered lines fail");
+    let err = verify(&copy).expect_err("reordered lines fail");
     assert_eq!(err.line(), Some(target + 1), "{err}");
 
     // The untouched copy still verifies: the failures above are the tampering's doing.
@@ -119,8 +119,7 @@ async fn an_unwritable_log_refuses_connections_and_the_proxy_stays_up() -> anyho
     for _ in 0..3 {
         let err = tokio::time::timeout(Duration::from_secs(10), d.connect("billing", "billing"))
             .await?
-            .err()
-            .expect("no admission without a durable allow line");
+            .expect_err("no admission without a durable allow line");
         let db = err.as_db_error().expect("a FATAL from the proxy");
         assert_eq!(db.code().code(), "57P03", "{db:?}");
         assert!(db.message().contains("decision log"), "{db:?}");

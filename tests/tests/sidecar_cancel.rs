@@ -34,7 +34,7 @@ async fn plaintext_cancel_with_the_proxy_key_stops_pg_sleep_quickly() -> anyhow:
     token.cancel_query(NoTls).await?;
     let (result, _) = tokio::time::timeout(Duration::from_secs(10), sleeper).await??;
     let waited = sent.elapsed();
-    let err = result.err().expect("the query was cancelled");
+    let err = result.expect_err("the query was cancelled");
     assert_eq!(err.code().map(|c| c.code()), Some("57014"), "{err}");
     assert!(waited < Duration::from_secs(2), "cancel took {waited:?}");
 
@@ -107,8 +107,7 @@ async fn cancel_inside_tls_with_a_certificate_works_too() -> anyhow::Result<()> 
         .await?;
     let err = tokio::time::timeout(Duration::from_secs(10), sleeper)
         .await??
-        .err()
-        .expect("cancelled");
+        .expect_err("cancelled");
     assert_eq!(err.code().map(|c| c.code()), Some("57014"), "{err}");
     assert!(sent.elapsed() < Duration::from_secs(2));
     Ok(())

@@ -42,8 +42,7 @@ async fn upstream_login_errors_reach_the_client_unchanged() -> anyhow::Result<()
     let tls = d.tls_for("billing")?;
     let err = connect_with(&d.pg_config("billing", "no_such_db"), tls)
         .await
-        .err()
-        .expect("no such database");
+        .expect_err("no such database");
     let db = err.as_db_error().expect("PostgreSQL's own error");
     assert_eq!(db.code().code(), "3D000");
     assert!(db.message().contains("no_such_db"), "{db:?}");
@@ -63,8 +62,7 @@ async fn a_role_that_became_superuser_is_refused() -> anyhow::Result<()> {
     let err = d
         .connect("billing", "billing")
         .await
-        .err()
-        .expect("superuser refused");
+        .expect_err("superuser refused");
     let db = err.as_db_error().expect("a FATAL from the proxy");
     assert_eq!(db.code().code(), "28000");
     assert!(db.message().contains("superuser"), "{db:?}");
@@ -98,8 +96,7 @@ async fn a_terminated_backend_ends_the_client_session_with_57p01() -> anyhow::Re
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let err = tokio::time::timeout(Duration::from_secs(10), sleeper)
         .await??
-        .err()
-        .expect("the session was terminated");
+        .expect_err("the session was terminated");
     assert_eq!(err.code().map(|c| c.code()), Some("57P01"), "{err}");
     let end = d.wait_for_decision(|l| l["event"] == "session_end").await?;
     assert_eq!(end["reason"], "server_closed");

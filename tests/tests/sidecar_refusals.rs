@@ -50,8 +50,7 @@ async fn workstation_is_refused_with_an_alert() -> anyhow::Result<()> {
     let err = d
         .connect("finance-laptop", "finance-laptop")
         .await
-        .err()
-        .expect("the laptop must be refused");
+        .expect_err("the laptop must be refused");
     let db = err.as_db_error().expect("a FATAL from the proxy");
     assert_eq!(db.code().code(), "28000");
     assert!(
@@ -76,10 +75,7 @@ async fn workstation_is_refused_with_an_alert() -> anyhow::Result<()> {
 #[tokio::test]
 async fn client_without_a_certificate_gets_a_tls_alert() -> anyhow::Result<()> {
     let d = Deployment::start(SidecarOptions::default()).await?;
-    let err = connect_as(&d, None, "billing")
-        .await
-        .err()
-        .expect("refused");
+    let err = connect_as(&d, None, "billing").await.expect_err("refused");
     assert!(err.code().is_none(), "a TLS alert, not a SQL error: {err}");
     let text = format!("{err:?}");
     assert!(text.contains("CertificateRequired"), "{text}");
@@ -94,7 +90,9 @@ async fn plaintext_client_is_told_tls_is_required() -> anyhow::Result<()> {
     let d = Deployment::start(SidecarOptions::default()).await?;
     let mut config = d.pg_config("billing", "postgres");
     config.ssl_mode(SslMode::Disable);
-    let err = config.connect(NoTls).await.err().expect("refused");
+    let Err(err) = config.connect(NoTls).await else {
+        panic!("a plaintext client was admitted");
+    };
     let db = err.as_db_error().expect("an ErrorResponse");
     assert_eq!(db.code().code(), "28000");
     assert_eq!(db.message(), "TLS with a client certificate is required");
@@ -121,8 +119,7 @@ async fn certificate_from_another_ca_is_untrusted() -> anyhow::Result<()> {
     let cert = foreign.client("billing", "app/billing", None)?;
     let err = connect_as(&d, Some((&cert.cert_pem, &cert.key_pem)), "billing")
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(err.code().is_none(), "{err}");
     // Same issuer name, so webpki finds "our" CA and the signature check fails: rustls
     // answers with a decrypt_error alert.
@@ -141,8 +138,7 @@ async fn expired_certificate_is_refused() -> anyhow::Result<()> {
     let key = cert.key_pem.clone().unwrap_or_default();
     let err = connect_as(&d, Some((&cert.cert_pem, &key)), "billing")
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(err.code().is_none(), "{err}");
     assert!(format!("{err:?}").contains("CertificateExpired"), "{err:?}");
     only_line(&d, "expired").await?;
@@ -189,8 +185,7 @@ async fn two_uri_sans_are_not_an_svid() -> anyhow::Result<()> {
     let key = cert.key_pem.clone().unwrap_or_default();
     let err = connect_as(&d, Some((&cert.cert_pem, &key)), "billing")
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     let db = err.as_db_error().expect("FATAL inside TLS");
     assert_eq!(db.code().code(), "28000");
     assert!(db.message().contains("URI SAN"), "{db:?}");
@@ -206,8 +201,7 @@ async fn ca_certificate_as_a_client_leaf_is_refused() -> anyhow::Result<()> {
     let key = cert.key_pem.clone().unwrap_or_default();
     let err = connect_as(&d, Some((&cert.cert_pem, &key)), "billing")
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     // webpki refuses a CA certificate as an end entity during the handshake, so the client
     // gets a TLS alert; the log still says which SVID rule it broke.
     assert!(err.code().is_none(), "{err}");
@@ -223,8 +217,7 @@ async fn leaf_that_can_sign_certificates_is_refused() -> anyhow::Result<()> {
     let key = cert.key_pem.clone().unwrap_or_default();
     let err = connect_as(&d, Some((&cert.cert_pem, &key)), "billing")
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     let db = err.as_db_error().expect("FATAL inside TLS");
     assert_eq!(db.code().code(), "28000");
     only_line(&d, "svid_ca_usage").await?;
@@ -234,11 +227,7 @@ async fn leaf_that_can_sign_certificates_is_refused() -> anyhow::Result<()> {
 #[tokio::test]
 async fn billing_asking_for_postgres_is_denied_without_naming_the_rule() -> anyhow::Result<()> {
     let d = Deployment::start(SidecarOptions::default()).await?;
-    let err = d
-        .connect("billing", "postgres")
-        .await
-        .err()
-        .expect("refused");
+    let err = d.connect("billing", "postgres").await.expect_err("refused");
     let db = err.as_db_error().expect("a FATAL from the proxy");
     assert_eq!(db.code().code(), "28000");
     let line = one_decision(&d, |l| l["db_user"] == "postgres").await?;

@@ -53,14 +53,12 @@ async fn simple_and_extended_queries_with_parameters() -> anyhow::Result<()> {
     let err = client
         .query_one("select 1/0", &[])
         .await
-        .err()
-        .expect("division by zero");
+        .expect_err("division by zero");
     assert_eq!(err.code().map(|c| c.code()), Some("22012"), "{err}");
     let err = client
         .query("select * from no_such_table", &[])
         .await
-        .err()
-        .expect("undefined table");
+        .expect_err("undefined table");
     assert_eq!(err.code().map(|c| c.code()), Some("42P01"), "{err}");
 
     // A transaction with a rollback behaves as it does directly.

@@ -78,8 +78,7 @@ async fn postgres_stopping_and_returning() -> anyhow::Result<()> {
     // The session in flight hears PostgreSQL's own shutdown error, unchanged.
     let err = tokio::time::timeout(Duration::from_secs(10), sleeper)
         .await??
-        .err()
-        .expect("the session ends with the server");
+        .expect_err("the session ends with the server");
     assert_eq!(err.code().map(|c| c.code()), Some("57P01"), "{err}");
 
     // New clients are told the upstream is down; the proxy itself stays up.
@@ -87,8 +86,7 @@ async fn postgres_stopping_and_returning() -> anyhow::Result<()> {
         let err = d
             .connect("billing", "billing")
             .await
-            .err()
-            .expect("no upstream");
+            .expect_err("no upstream");
         let db = err.as_db_error().expect("a FATAL from the proxy");
         assert_eq!(db.code().code(), "08006", "{db:?}");
         assert!(db.message().contains("unreachable"), "{db:?}");

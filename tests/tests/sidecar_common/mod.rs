@@ -162,7 +162,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MsgReader<S> {
             if self.buf.len() >= 5 {
                 let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
                     as usize;
-                if len < 4 || len > 1 << 24 {
+                if !(4..=1 << 24).contains(&len) {
                     bail!("bad message length {len}");
                 }
                 if self.buf.len() > len {
