@@ -230,7 +230,19 @@ impl ConnSpec {
     /// Builds the TLS connector once; every connection of a run shares it (no resumption
     /// cache is kept, so each connection is a full handshake, as a fresh client's would be).
     pub fn connector(&self) -> Result<MakeRustlsConnect, TargetError> {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        // The groups libpq on OpenSSL 3.0 offers, in its order (a key share for X25519 only):
+        // with rustls' default post-quantum group first, a rustls server would pick a costlier
+        // key exchange than pgbench gets, and the comparison would measure group choice
+        // rather than the proxy. PostgreSQL's default `ssl_ecdh_curve = prime256v1` answers
+        // with a retry for P-256, exactly as it does for pgbench.
+        let provider = Arc::new(rustls::crypto::CryptoProvider {
+            kx_groups: vec![
+                rustls::crypto::aws_lc_rs::kx_group::X25519,
+                rustls::crypto::aws_lc_rs::kx_group::SECP256R1,
+                rustls::crypto::aws_lc_rs::kx_group::SECP384R1,
+            ],
+            ..rustls::crypto::aws_lc_rs::default_provider()
+        });
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()?;
         let builder = match (self.verify, &self.root) {
