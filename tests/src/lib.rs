@@ -293,3 +293,29 @@ pub fn port_refuses(port: u16) -> bool {
     )
     .is_err()
 }
+
+/// The `eastwall` binary, built once per test process. The e2e crate cannot name another
+/// package's binary through `CARGO_BIN_EXE_*`, so it asks cargo, which is a no-op when the
+/// binary is fresh. Blocking: call it before timing anything, or from `spawn_blocking`.
+pub fn eastwall_bin() -> anyhow::Result<PathBuf> {
+    static BIN: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "-q", "-p", "eastwall", "--bin", "eastwall"])
+            .current_dir(&workspace)
+            .status()
+            .map_err(|e| format!("running cargo build: {e}"))?;
+        if !status.success() {
+            return Err(format!(
+                "cargo build -p eastwall --bin eastwall failed: {status}"
+            ));
+        }
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace.join("target"));
+        Ok(target.join("debug/eastwall"))
+    })
+    .clone()
+    .map_err(|e| anyhow!(e))
+}

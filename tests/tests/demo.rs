@@ -2,31 +2,17 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// Builds the `eastwall` binary once per test run and returns its path (the suite's crate
-/// cannot name another package's binary through `CARGO_BIN_EXE_*`).
-fn eastwall() -> &'static PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-q", "-p", "eastwall", "--bin", "eastwall"])
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building eastwall failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-        target.join("debug/eastwall")
-    })
+fn eastwall() -> PathBuf {
+    eastwall_e2e::eastwall_bin().expect("the eastwall binary builds")
 }
 
 fn demo(args: &[&str]) -> (Output, Duration) {
     // Build first: the time limit is the demo's, not the compiler's.
     let bin = eastwall();
     let started = Instant::now();
-    let out = Command::new(bin)
+    let out = Command::new(&bin)
         .arg("demo")
         .args(args)
         .env_remove("RUST_LOG")

@@ -19,19 +19,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         let running = crate::server::start(config).await?;
-        eprintln!(
+        say(&format!(
             "eastwall: listening on {} (decision log {})",
             running.local_addr,
             running.sidecar.settings.audit.path.display()
-        );
+        ));
         if let Some(addr) = running.stepup_addr {
-            eprintln!("eastwall: step-up endpoint on https://{addr}/v1/stepup");
+            say(&format!(
+                "eastwall: step-up endpoint on https://{addr}/v1/stepup"
+            ));
         }
         wait_for_signal().await?;
-        eprintln!("eastwall: shutting down");
+        say("eastwall: shutting down");
         running.shutdown().await;
         Ok(())
     })
+}
+
+/// A status line on stderr; if stderr is gone the sidecar carries on (eprintln! would panic).
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
@@ -49,7 +57,10 @@ pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
+    // A closed stderr (a log collector restarting) must not take sessions down: by default
+    // the subscriber reports a failed write with eprintln!, which panics the writing task.
     let _ = tracing_subscriber::fmt()
+        .log_internal_errors(false)
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
