@@ -311,10 +311,25 @@ pub fn eastwall_bin() -> anyhow::Result<PathBuf> {
                 "cargo build -p eastwall --bin eastwall failed: {status}"
             ));
         }
+        // A relative CARGO_TARGET_DIR is relative to where cargo ran: the workspace.
         let target = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
+            .map(|t| {
+                if t.is_relative() {
+                    workspace.join(t)
+                } else {
+                    t
+                }
+            })
             .unwrap_or_else(|| workspace.join("target"));
-        Ok(target.join("debug/eastwall"))
+        let bin = target.join("debug/eastwall");
+        if !bin.is_file() {
+            return Err(format!(
+                "built eastwall but {} does not exist",
+                bin.display()
+            ));
+        }
+        Ok(bin)
     })
     .clone()
     .map_err(|e| anyhow!(e))

@@ -3,9 +3,8 @@
 
 #![allow(dead_code)] // each test file uses its own subset
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{anyhow, bail, Context};
@@ -21,46 +20,9 @@ pub const LAPTOP: &str = "spiffe://corp.example/workstations/finance-laptop";
 /// Longest any one client program may run before the test gives up on it.
 pub const PROGRAM_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The `eastwall` binary, built once per test process. The e2e crate cannot name another
-/// package's binary through `CARGO_BIN_EXE_*`, so it asks cargo for it.
+/// The `eastwall` binary (built once per test process by the shared helper), off the runtime.
 pub async fn eastwall_bin() -> anyhow::Result<PathBuf> {
-    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let bin = tokio::task::spawn_blocking(|| {
-        BIN.get_or_init(|| build_eastwall().map_err(|e| format!("{e:#}")))
-            .clone()
-    })
-    .await?;
-    bin.map_err(|e| anyhow!(e))
-}
-
-fn build_eastwall() -> anyhow::Result<PathBuf> {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("the e2e crate sits inside the workspace")?
-        .to_path_buf();
-    let status = std::process::Command::new(env!("CARGO"))
-        .args(["build", "-q", "-p", "eastwall", "--bin", "eastwall"])
-        .current_dir(&workspace)
-        .status()
-        .context("running cargo build for the eastwall binary")?;
-    if !status.success() {
-        bail!("cargo build -p eastwall --bin eastwall failed: {status}");
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|t| {
-            if t.is_relative() {
-                workspace.join(t)
-            } else {
-                t
-            }
-        })
-        .unwrap_or_else(|| workspace.join("target"));
-    let bin = target.join("debug").join("eastwall");
-    if !bin.is_file() {
-        bail!("built eastwall but {} does not exist", bin.display());
-    }
-    Ok(bin)
+    tokio::task::spawn_blocking(eastwall_e2e::eastwall_bin).await?
 }
 
 /// A client program with a clean libpq environment: no inherited PG* settings, no
