@@ -264,6 +264,17 @@ def main():
                  "Memory: (RssAnon with N idle admitted sessions − RssAnon before) / N, the largest over the pairs "
                  "(later runs reuse pages the allocator kept, so they read lower).\n")
     lines.append("![proxy/direct ratios](report.svg)\n")
+    cg = load_json(os.path.join(res, "callgrind.json"))
+    lines.append("## Regression figure (callgrind, deterministic)\n")
+    if cg:
+        lines.append(f"- instructions per relayed query: **{cg['ir_per_query']:,}**")
+        lines.append(f"- instructions per full mTLS handshake (accept, TLS 1.3 with client certificate "
+                     f"and CRL check, startup, policy decision, audit record, upstream login, close): "
+                     f"**{cg['ir_per_handshake']:,}**")
+        lines.append(f"- raw: workload A (1 connection, 2000 prepared selects) {cg['ir_workload_a']:,} Ir; "
+                     f"workload B (100 connections of 1 simple select) {cg['ir_workload_b']:,} Ir\n")
+    else:
+        lines.append("Not measured in this run (valgrind/callgrind_control missing, or CALLGRIND=0).\n")
     lines.append("## Raw runs (pgbench)\n")
     lines.append("| bench | pair | peer | tps | transactions | proxy CPU µs |")
     lines.append("|---|---|---|---|---|---|")
