@@ -268,11 +268,27 @@ fn spawn_stepup(
                 sidecar.audit.record(entry).await.map_err(|e| e.to_string())
             })
         });
-    // Same certificate and client verifier as the front door, but speaking HTTP/1.1: curl
-    // and our own client offer ALPN "http/1.1", which "postgresql" would refuse.
-    let mut tls = (*sidecar.tls.get()).clone();
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tls = Arc::new(tls);
+    // Same certificate and client verifier as the front door (rebuilt when the CRL changes),
+    // but speaking HTTP/1.1: curl and our own client offer ALPN "http/1.1", which
+    // "postgresql" would refuse. The HTTP copy is made again only when the front door's
+    // config changed.
+    let derived: std::sync::Mutex<Option<(Arc<rustls::ServerConfig>, Arc<rustls::ServerConfig>)>> =
+        std::sync::Mutex::new(None);
+    let source = sidecar.clone();
+    let tls: crate::stepup::TlsSource = Arc::new(move || {
+        let front = source.tls.get();
+        let mut cache = derived.lock().unwrap_or_else(|p| p.into_inner());
+        match &*cache {
+            Some((seen, http)) if Arc::ptr_eq(seen, &front) => http.clone(),
+            _ => {
+                let mut http = (*front).clone();
+                http.alpn_protocols = vec![b"http/1.1".to_vec()];
+                let http = Arc::new(http);
+                *cache = Some((front, http.clone()));
+                http
+            }
+        }
+    });
     tokio::spawn(async move {
         tokio::select! {
             _ = crate::stepup::serve(listener, tls, verifier, identify, on_decision) => {}

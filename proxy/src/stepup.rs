@@ -89,16 +89,20 @@ struct Shared {
     on_decision: OnDecision,
 }
 
+/// Where each new connection's TLS config comes from: the sidecar rebuilds its config when the
+/// CRL or trust bundle changes, and the endpoint must refuse a revoked certificate as soon as
+/// the front door does.
+pub type TlsSource = Arc<dyn Fn() -> Arc<rustls::ServerConfig> + Send + Sync>;
+
 /// Serves the step-up endpoint on `listener` until the task is dropped. Never returns and never
 /// panics on client input; errors end only the connection they happened on.
 pub async fn serve(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: TlsSource,
     verifier: Arc<Verifier>,
     identify: Identify,
     on_decision: OnDecision,
 ) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let shared = Arc::new(Shared {
         verifier,
         on_decision,
@@ -119,7 +123,7 @@ pub async fn serve(
                 continue;
             }
         };
-        let acceptor = acceptor.clone();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls());
         let identify = identify.clone();
         let shared = shared.clone();
         tokio::spawn(async move {

@@ -369,9 +369,10 @@ async fn endpoint(max_failures: u32, audit_works: bool) -> Endpoint {
     let addr = listener.local_addr().unwrap();
     let events = Arc::new(Mutex::new(Vec::new()));
     let sink = events.clone();
+    let tls = server_tls(&pki);
     let task = tokio::spawn(stepup::serve(
         listener,
-        server_tls(&pki),
+        Arc::new(move || tls.clone()),
         verifier.clone(),
         Arc::new(identify),
         Arc::new(move |e: StepUpEvent| {
