@@ -18,12 +18,12 @@ use tokio_rustls::server::TlsStream;
 
 use crate::audit::Entry;
 use crate::cancel::{BackendKey, CancelLookup};
-use crate::codec::{self, Severity, StartupMessage};
+use crate::codec::{self, Severity};
 use crate::identity::{self, PeerIdentity};
 use crate::mfa::MfaOutcome;
 use crate::relay;
 use crate::server::Sidecar;
-use crate::startup::{self, FrontDoor};
+use crate::startup::{self, Arrival, FrontDoor};
 
 /// Startup parameters the proxy sets itself or refuses; everything else is forwarded.
 const NOT_FORWARDED: &[&str] = &["user", "database", "replication"];
@@ -129,27 +129,9 @@ pub async fn serve(sidecar: Arc<Sidecar>, tcp: TcpStream, peer: SocketAddr) {
         }
         FrontDoor::Session(arrival) => {
             let remaining = deadline.saturating_sub(started.elapsed());
-            let mut arrival = *arrival;
-            let leftover = std::mem::take(&mut arrival.leftover);
-            admit_and_relay(
-                sidecar,
-                conn_id,
-                peer,
-                arrival.tls,
-                arrival.startup,
-                leftover,
-                remaining,
-            )
-            .await;
+            admit_and_relay(sidecar, conn_id, peer, *arrival, remaining).await;
         }
     }
-}
-
-/// A refusal inside TLS: the client gets FATAL with our connection id, the log gets a line.
-struct Refuse {
-    sqlstate: &'static str,
-    message: String,
-    entry: Entry,
 }
 
 async fn send_fatal(tls: &mut TlsStream<TcpStream>, sqlstate: &str, message: &str) {
@@ -160,32 +142,42 @@ async fn send_fatal(tls: &mut TlsStream<TcpStream>, sqlstate: &str, message: &st
     let _ = tls.shutdown().await;
 }
 
-async fn refuse(sidecar: &Sidecar, tls: &mut TlsStream<TcpStream>, refusal: Refuse) {
+/// A refusal inside TLS: the log gets the line first, then the client gets FATAL with our
+/// connection id. A log failure still refuses.
+async fn refuse(
+    sidecar: &Sidecar,
+    tls: &mut TlsStream<TcpStream>,
+    entry: Entry,
+    sqlstate: &str,
+    message: &str,
+) {
     tracing::info!(
-        conn.id = %refusal.entry.conn_id,
-        spiffe_id = refusal.entry.spiffe_id.as_deref().unwrap_or("-"),
+        conn.id = %entry.conn_id,
+        spiffe_id = entry.spiffe_id.as_deref().unwrap_or("-"),
         decision = "deny",
-        reason = %refusal.entry.reason,
-        alert = refusal.entry.alert,
+        reason = %entry.reason,
+        alert = entry.alert,
         "refused"
     );
-    // The refusal is logged before the client hears it; a log failure still refuses.
-    if let Err(err) = sidecar.audit.record(refusal.entry).await {
+    if let Err(err) = sidecar.audit.record(entry).await {
         tracing::error!(%err, "decision log write failed");
     }
-    send_fatal(tls, refusal.sqlstate, &refusal.message).await;
+    send_fatal(tls, sqlstate, message).await;
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn admit_and_relay(
     sidecar: Arc<Sidecar>,
     conn_id: String,
     peer: SocketAddr,
-    mut tls: TlsStream<TcpStream>,
-    startup: StartupMessage,
-    leftover: BytesMut,
+    arrival: Arrival,
     auth_time_left: std::time::Duration,
 ) {
+    let Arrival {
+        mut tls,
+        startup,
+        leftover,
+        ..
+    } = arrival;
     let user = startup.param("user").unwrap_or("").to_owned();
     let database = match startup.param("database") {
         Some(db) if !db.is_empty() => db.to_owned(),
@@ -211,7 +203,7 @@ async fn admit_and_relay(
             entry.reason = err.reason().into();
             entry.extra.insert("detail".into(), json!(err.to_string()));
             let message = format!("{err} (connection {conn_id})");
-            return refuse(&sidecar, &mut tls, deny(entry, "28000", message)).await;
+            return refuse(&sidecar, &mut tls, entry, "28000", &message).await;
         }
     };
     entry.spiffe_id = Some(identity.id.to_string());
@@ -226,13 +218,13 @@ async fn admit_and_relay(
             startup.version >> 16,
             startup.version & 0xffff
         );
-        return refuse(&sidecar, &mut tls, deny(entry, "0A000", message)).await;
+        return refuse(&sidecar, &mut tls, entry, "0A000", &message).await;
     }
     if user.is_empty() {
         entry.decision = Some("deny");
         entry.reason = "no_user".into();
         let message = format!("no PostgreSQL user name specified (connection {conn_id})");
-        return refuse(&sidecar, &mut tls, deny(entry, "28000", message)).await;
+        return refuse(&sidecar, &mut tls, entry, "28000", &message).await;
     }
     if startup
         .param("replication")
@@ -243,7 +235,7 @@ async fn admit_and_relay(
         let message = format!(
             "replication connections are not allowed through Eastwall for {id_text} (connection {conn_id})"
         );
-        return refuse(&sidecar, &mut tls, deny(entry, "28000", message)).await;
+        return refuse(&sidecar, &mut tls, entry, "28000", &message).await;
     }
 
     let (cert_use, cert_elsewhere) = sidecar.cert_usage.acquire(&identity.serial_hex, peer.ip());
@@ -273,7 +265,7 @@ async fn admit_and_relay(
                     entry.decision = Some("deny");
                     entry.reason = format!("mfa_{reason}");
                     let message = format!("MFA code rejected for {id_text} (connection {conn_id})");
-                    return refuse(&sidecar, &mut tls, deny(entry, "28P01", message)).await;
+                    return refuse(&sidecar, &mut tls, entry, "28P01", &message).await;
                 }
                 MfaOutcome::LockedOut { first } => {
                     fill_decision(&mut entry, &decision);
@@ -284,7 +276,7 @@ async fn admit_and_relay(
                     let message = format!(
                         "too many failed MFA attempts for {id_text}; try again later (connection {conn_id})"
                     );
-                    return refuse(&sidecar, &mut tls, deny(entry, "28P01", message)).await;
+                    return refuse(&sidecar, &mut tls, entry, "28P01", &message).await;
                 }
             },
             StepUp::Violation(detail) => {
@@ -295,7 +287,7 @@ async fn admit_and_relay(
                 entry.extra.insert("detail".into(), json!(detail));
                 let message =
                     format!("protocol violation during MFA step-up (connection {conn_id})");
-                return refuse(&sidecar, &mut tls, deny(entry, "08P01", message)).await;
+                return refuse(&sidecar, &mut tls, entry, "08P01", &message).await;
             }
         }
     }
@@ -311,7 +303,7 @@ async fn admit_and_relay(
     if decision.verdict != Verdict::Allow {
         entry.decision = Some("deny");
         let message = format!("access denied for {id_text} (connection {conn_id})");
-        return refuse(&sidecar, &mut tls, deny(entry, "28000", message)).await;
+        return refuse(&sidecar, &mut tls, entry, "28000", &message).await;
     }
 
     // The proxy logs in on its own as the granted role; the client's startup parameters
@@ -348,7 +340,7 @@ async fn admit_and_relay(
         let message = format!(
             "role {user:?} is a superuser; no policy rule grants it to {id_text} (connection {conn_id})"
         );
-        return refuse(&sidecar, &mut tls, deny(entry, "28000", message)).await;
+        return refuse(&sidecar, &mut tls, entry, "28000", &message).await;
     }
 
     // Fail closed: without a durable allow line, nobody is admitted.
@@ -447,14 +439,6 @@ async fn admit_and_relay(
     );
     if let Err(err) = sidecar.audit.record(end).await {
         tracing::error!(conn.id = %conn_id, %err, "could not log session end");
-    }
-}
-
-fn deny(entry: Entry, sqlstate: &'static str, message: String) -> Refuse {
-    Refuse {
-        sqlstate,
-        message,
-        entry,
     }
 }
 
