@@ -56,6 +56,8 @@
 //! startup_timeout = "30s"         # default 30s: TLS + startup + MFA must finish within it
 //! max_connections = 1000          # default 1000
 //! cancels_per_second = 10         # default 10 cancel requests per source address
+//! max_startups_per_source = 64    # default 64 connections per source address still in the
+//!                                 # front door (TLS, startup, MFA); admitted sessions don't count
 //! idle_timeout = "1h"             # optional: close sessions idle this long
 //! ```
 //!
@@ -187,6 +189,9 @@ pub struct Limits {
     pub startup_timeout: Duration,
     pub max_connections: usize,
     pub cancels_per_second: u32,
+    /// Connections one source address (IPv6: one /64) may have before admission, so that one
+    /// host holding connections open cannot use up `max_connections` for everyone.
+    pub max_startups_per_source: usize,
     pub idle_timeout: Option<Duration>,
 }
 
@@ -272,6 +277,7 @@ struct RawLimits {
     startup_timeout: Option<Str>,
     max_connections: Option<Spanned<i64>>,
     cancels_per_second: Option<Spanned<i64>>,
+    max_startups_per_source: Option<Spanned<i64>>,
     idle_timeout: Option<Str>,
 }
 
@@ -611,6 +617,13 @@ impl Settings {
                 "limits.cancels_per_second",
                 l.and_then(|l| l.cancels_per_second.as_ref()),
                 10u32,
+                1,
+                1_000_000,
+            ),
+            max_startups_per_source: c.int(
+                "limits.max_startups_per_source",
+                l.and_then(|l| l.max_startups_per_source.as_ref()),
+                64usize,
                 1,
                 1_000_000,
             ),

@@ -1,8 +1,9 @@
 //! The running sidecar: what every connection shares, the accept loop, periodic upkeep
 //! (CRL reload, limiter cleanup), the step-up endpoint, and a clean shutdown.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use eastwall_config::{Config, Policy, Settings};
@@ -52,6 +53,69 @@ pub struct Sidecar {
     pub audit: AuditLog,
     pub mfa: Option<Arc<Verifier>>,
     pub cert_usage: Arc<CertUsage>,
+    pub startup_slots: Arc<StartupSlots>,
+}
+
+/// Connections per source that have not been admitted yet (TLS, startup, MFA in progress).
+/// The global `max_connections` alone would let one host holding silent connections open
+/// lock everyone else out until the startup timeout.
+pub struct StartupSlots {
+    per_source: usize,
+    counts: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl StartupSlots {
+    pub fn new(per_source: usize) -> Arc<Self> {
+        Arc::new(Self {
+            per_source: per_source.max(1),
+            counts: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A slot for a new connection from `source`, or None when that source has its fill.
+    pub fn try_acquire(self: &Arc<Self>, source: IpAddr) -> Option<StartupSlot> {
+        let key = source_key(source);
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(key).or_insert(0);
+        if *count >= self.per_source {
+            return None;
+        }
+        *count += 1;
+        Some(StartupSlot {
+            slots: self.clone(),
+            key,
+        })
+    }
+}
+
+/// One host is one key: IPv6 clients usually hold a whole /64, so they are grouped by it.
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            let mut octets = v6.octets();
+            octets[8..].fill(0);
+            IpAddr::from(octets)
+        }
+    }
+}
+
+/// A connection's place in its source's startup budget, given back when it is admitted or gone.
+pub struct StartupSlot {
+    slots: Arc<StartupSlots>,
+    key: IpAddr,
+}
+
+impl Drop for StartupSlot {
+    fn drop(&mut self) {
+        let mut counts = self.slots.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.key) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl Sidecar {
@@ -115,6 +179,7 @@ pub async fn prepare(config: Config) -> Result<Sidecar, StartError> {
         let key = TokenKey::load_or_create(&settings.mfa.token_key)?;
         Some(Arc::new(Verifier::new(store, key, &settings.mfa)))
     };
+    let settings_limits_per_source = settings.limits.max_startups_per_source;
     Ok(Sidecar {
         cancels: CancelRegistry::new(settings.limits.cancels_per_second),
         settings,
@@ -124,6 +189,7 @@ pub async fn prepare(config: Config) -> Result<Sidecar, StartError> {
         audit,
         mfa,
         cert_usage: Arc::new(CertUsage::default()),
+        startup_slots: StartupSlots::new(settings_limits_per_source),
     })
 }
 
@@ -192,9 +258,15 @@ async fn accept_loop(
             drop(tcp);
             continue;
         };
+        let Some(startup) = sidecar.startup_slots.try_acquire(peer.ip()) else {
+            // Not written to the decision log: a flood must not become a flood of fsyncs.
+            tracing::warn!(%peer, "too many connections from this source still starting up; closing");
+            drop(tcp);
+            continue;
+        };
         let sidecar = sidecar.clone();
         tokio::spawn(async move {
-            session::serve(sidecar, tcp, peer).await;
+            session::serve(sidecar, tcp, peer, startup).await;
             drop(slot);
         });
     }
@@ -295,4 +367,42 @@ fn spawn_stepup(
             _ = stop.changed() => {}
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn startup_slots_cap_each_source_and_come_back() {
+        let slots = StartupSlots::new(2);
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let b: IpAddr = "127.0.0.2".parse().unwrap();
+        let first = slots.try_acquire(a).expect("1 of 2");
+        let _second = slots.try_acquire(a).expect("2 of 2");
+        assert!(slots.try_acquire(a).is_none(), "a third is refused");
+        assert!(
+            slots.try_acquire(b).is_some(),
+            "another source is unaffected"
+        );
+        drop(first);
+        assert!(
+            slots.try_acquire(a).is_some(),
+            "a released slot is reusable"
+        );
+    }
+
+    #[test]
+    fn ipv6_sources_are_grouped_by_their_64() {
+        let slots = StartupSlots::new(1);
+        let _held = slots
+            .try_acquire("2001:db8:1:2::1".parse().unwrap())
+            .unwrap();
+        assert!(slots
+            .try_acquire("2001:db8:1:2::ffff".parse().unwrap())
+            .is_none());
+        assert!(slots
+            .try_acquire("2001:db8:1:3::1".parse().unwrap())
+            .is_some());
+    }
 }

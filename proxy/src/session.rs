@@ -22,7 +22,7 @@ use crate::codec::{self, Severity};
 use crate::identity::{self, PeerIdentity};
 use crate::mfa::MfaOutcome;
 use crate::relay;
-use crate::server::Sidecar;
+use crate::server::{Sidecar, StartupSlot};
 use crate::startup::{self, Arrival, FrontDoor};
 
 /// Startup parameters the proxy sets itself or refuses; everything else is forwarded.
@@ -74,7 +74,9 @@ impl Drop for CertUse {
 }
 
 /// Serves one accepted TCP connection until it ends. Never panics on client input.
-pub async fn serve(sidecar: Arc<Sidecar>, tcp: TcpStream, peer: SocketAddr) {
+/// `startup` is the connection's place in its source's pre-admission budget; it is given back
+/// once the client is admitted (or gone).
+pub async fn serve(sidecar: Arc<Sidecar>, tcp: TcpStream, peer: SocketAddr, startup: StartupSlot) {
     let conn_id = identity::new_conn_id();
     let _ = tcp.set_nodelay(true);
     let started = Instant::now();
@@ -129,7 +131,7 @@ pub async fn serve(sidecar: Arc<Sidecar>, tcp: TcpStream, peer: SocketAddr) {
         }
         FrontDoor::Session(arrival) => {
             let remaining = deadline.saturating_sub(started.elapsed());
-            admit_and_relay(sidecar, conn_id, peer, *arrival, remaining).await;
+            admit_and_relay(sidecar, conn_id, peer, *arrival, remaining, startup).await;
         }
     }
 }
@@ -171,6 +173,7 @@ async fn admit_and_relay(
     peer: SocketAddr,
     arrival: Arrival,
     auth_time_left: std::time::Duration,
+    startup_slot: StartupSlot,
 ) {
     let Arrival {
         mut tls,
@@ -388,6 +391,7 @@ async fn admit_and_relay(
     }
     drop(out);
 
+    drop(startup_slot);
     let admitted = Instant::now();
     // Operators' sessions rest on an MFA assertion that ages; max_session bounds how long.
     let max_session = decision
