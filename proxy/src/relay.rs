@@ -45,6 +45,8 @@ pub enum RelayEnd {
     Deadline,
     /// Nothing crossed the session in either direction for the idle timeout.
     Idle,
+    /// Told to stop (the client's certificate was revoked); stopped at a message boundary.
+    Stopped,
 }
 
 impl RelayEnd {
@@ -56,6 +58,7 @@ impl RelayEnd {
             RelayEnd::ServerError(_) => "server_error",
             RelayEnd::Deadline => "max_session",
             RelayEnd::Idle => "idle_timeout",
+            RelayEnd::Stopped => "revoked",
         }
     }
 }
@@ -248,16 +251,25 @@ pub struct RelayLimits {
 /// Relays until the session ends, or until `deadline` (then at a message boundary of the
 /// server's stream). When the client finishes sending, the server's write side is shut down
 /// and its remaining output still reaches the client; when the server closes, it is over.
-pub async fn relay<C, S>(client: &mut C, server: &mut S, limits: RelayLimits) -> RelayOutcome
+///
+/// `stop`, when it completes, ends the session like the deadline does but reports `Stopped`.
+pub async fn relay<C, S>(
+    client: &mut C,
+    server: &mut S,
+    limits: RelayLimits,
+    stop: Option<Pin<Box<dyn Future<Output = ()> + Send + '_>>>,
+) -> RelayOutcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut up = Pump::default();
     let mut down = Pump {
-        boundaries: limits.deadline.map(|_| Boundaries::default()),
+        boundaries: (limits.deadline.is_some() || stop.is_some()).then(Boundaries::default),
         ..Pump::default()
     };
+    let mut stop = stop;
+    let mut stopped = false;
     let mut timer: Option<Pin<Box<Sleep>>> = limits
         .deadline
         .map(|at| Box::pin(tokio::time::sleep_until(at)));
@@ -282,6 +294,13 @@ where
                 timer = None;
             }
         }
+        if let Some(signal) = &mut stop {
+            if signal.as_mut().poll(cx).is_ready() {
+                down.stopping = true;
+                stopped = true;
+                stop = None;
+            }
+        }
         if !up.done {
             match up.poll_pump(cx, client, server) {
                 Poll::Ready(Ok(_)) => {}
@@ -291,7 +310,11 @@ where
             }
         }
         match down.poll_pump(cx, server, client) {
-            Poll::Ready(Ok(Finished::Stopped)) => Poll::Ready(RelayEnd::Deadline),
+            Poll::Ready(Ok(Finished::Stopped)) => Poll::Ready(if stopped {
+                RelayEnd::Stopped
+            } else {
+                RelayEnd::Deadline
+            }),
             Poll::Ready(Ok(Finished::Eof)) => Poll::Ready(if up.done {
                 RelayEnd::ClientClosed
             } else {
@@ -319,10 +342,9 @@ mod tests {
     async fn bytes_flow_both_ways_and_are_counted() {
         let (mut client_end, mut client) = tokio::io::duplex(64);
         let (mut server, mut server_end) = tokio::io::duplex(64);
-        let relay =
-            tokio::spawn(
-                async move { relay(&mut client, &mut server, RelayLimits::default()).await },
-            );
+        let relay = tokio::spawn(async move {
+            relay(&mut client, &mut server, RelayLimits::default(), None).await
+        });
 
         let big = vec![7u8; 100_000];
         let writer = {
@@ -357,10 +379,9 @@ mod tests {
     async fn server_close_ends_the_session() {
         let (mut client_end, mut client) = tokio::io::duplex(64);
         let (mut server, server_end) = tokio::io::duplex(64);
-        let relay =
-            tokio::spawn(
-                async move { relay(&mut client, &mut server, RelayLimits::default()).await },
-            );
+        let relay = tokio::spawn(async move {
+            relay(&mut client, &mut server, RelayLimits::default(), None).await
+        });
         drop(server_end);
         let outcome = relay.await.unwrap();
         assert!(
@@ -420,6 +441,7 @@ mod tests {
                     deadline: Some(deadline),
                     idle: None,
                 },
+                None,
             )
             .await
         });
@@ -458,7 +480,8 @@ mod tests {
             deadline: None,
             idle: Some(std::time::Duration::from_millis(300)),
         };
-        let relay = tokio::spawn(async move { relay(&mut client, &mut server, limits).await });
+        let relay =
+            tokio::spawn(async move { relay(&mut client, &mut server, limits, None).await });
         // Traffic every 100 ms for a second keeps it alive past three idle periods.
         for _ in 0..10 {
             client_end.write_all(b"x").await.unwrap();
@@ -473,5 +496,44 @@ mod tests {
             .unwrap();
         assert!(matches!(outcome.end, RelayEnd::Idle), "{:?}", outcome.end);
         assert_eq!(outcome.client_to_server, 10);
+    }
+
+    #[tokio::test]
+    async fn a_stop_signal_ends_the_session_at_a_message_boundary() {
+        let (mut client_end, mut client) = tokio::io::duplex(1 << 16);
+        let (mut server, mut server_end) = tokio::io::duplex(1 << 16);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let relay = tokio::spawn(async move {
+            let stop: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
+                let _ = rx.await;
+            });
+            relay(&mut client, &mut server, RelayLimits::default(), Some(stop)).await
+        });
+        let whole = message(b'D', &[1u8; 10]);
+        let torn = message(b'D', &[2u8; 10]);
+        server_end.write_all(&whole).await.unwrap();
+        server_end.write_all(&torn[..4]).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tx.send(()).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        server_end.write_all(&torn[4..]).await.unwrap();
+        server_end.write_all(&message(b'Z', b"I")).await.unwrap();
+        let outcome = tokio::time::timeout(std::time::Duration::from_secs(5), relay)
+            .await
+            .expect("relay ends")
+            .unwrap();
+        assert!(
+            matches!(outcome.end, RelayEnd::Stopped),
+            "{:?}",
+            outcome.end
+        );
+        let mut got = Vec::new();
+        client_end.read_to_end(&mut got).await.unwrap();
+        let mut expected = whole.clone();
+        expected.extend_from_slice(&torn);
+        assert_eq!(
+            got, expected,
+            "the torn message is completed, nothing after it is sent"
+        );
     }
 }

@@ -54,6 +54,9 @@ pub struct Sidecar {
     pub mfa: Option<Arc<Verifier>>,
     pub cert_usage: Arc<CertUsage>,
     pub startup_slots: Arc<StartupSlots>,
+    /// Serials the verified CRLs revoke, re-sent on every reload: live sessions watch it and
+    /// end when their certificate appears (new handshakes are refused by the TLS verifier).
+    pub revoked: watch::Sender<Arc<std::collections::HashSet<String>>>,
 }
 
 /// Connections per source that have not been admitted yet (TLS, startup, MFA in progress).
@@ -164,12 +167,13 @@ impl Running {
 /// certificate, key, CRL or secret stops the start with a message rather than a client.
 pub async fn prepare(config: Config) -> Result<Sidecar, StartError> {
     let Config { settings, policy } = config;
-    let tls = ReloadingServerConfig::new(ServerTlsFiles {
+    let tls_files = ServerTlsFiles {
         cert: settings.listen.cert.clone(),
         key: settings.listen.key.clone(),
         client_ca: settings.listen.client_ca.clone(),
         crl: settings.listen.crl.clone(),
-    })?;
+    };
+    let tls = ReloadingServerConfig::new(tls_files.clone())?;
     let upstream = Upstream::new(&settings.upstream)?;
     let audit = AuditLog::open(&settings.audit.path).await?;
     let mfa = if policy.mfa_groups().is_empty() {
@@ -180,6 +184,7 @@ pub async fn prepare(config: Config) -> Result<Sidecar, StartError> {
         Some(Arc::new(Verifier::new(store, key, &settings.mfa)))
     };
     let settings_limits_per_source = settings.limits.max_startups_per_source;
+    let (revoked, _) = watch::channel(Arc::new(crate::tls::revoked_serials(&tls_files)?));
     Ok(Sidecar {
         cancels: CancelRegistry::new(settings.limits.cancels_per_second),
         settings,
@@ -190,6 +195,7 @@ pub async fn prepare(config: Config) -> Result<Sidecar, StartError> {
         mfa,
         cert_usage: Arc::new(CertUsage::default()),
         startup_slots: StartupSlots::new(settings_limits_per_source),
+        revoked,
     })
 }
 
@@ -280,7 +286,15 @@ fn spawn_upkeep(sidecar: Arc<Sidecar>, mut stop: watch::Receiver<bool>) {
             tokio::select! {
                 _ = reload.tick() => {
                     match sidecar.tls.refresh() {
-                        Ok(true) => tracing::info!("TLS files changed; new handshakes use them"),
+                        Ok(true) => {
+                            tracing::info!("TLS files changed; new handshakes use them");
+                            match crate::tls::revoked_serials(sidecar.tls.files()) {
+                                Ok(serials) => {
+                                    sidecar.revoked.send_replace(Arc::new(serials));
+                                }
+                                Err(err) => tracing::error!(%err, "cannot read the CRL for live sessions"),
+                            }
+                        }
                         Ok(false) => {}
                         Err(err) => tracing::error!(%err, "TLS files changed but cannot be loaded; keeping the previous ones"),
                     }

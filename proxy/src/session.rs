@@ -403,7 +403,21 @@ async fn admit_and_relay(
         deadline,
         idle: sidecar.settings.limits.idle_timeout,
     };
-    let outcome = relay::relay(&mut tls, &mut session.stream, limits).await;
+    // A revocation ends the session too, not just the next handshake.
+    let mut revocations = sidecar.revoked.subscribe();
+    let serial = identity.serial_hex.clone();
+    let revoked: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+        Box::pin(async move {
+            loop {
+                if revocations.borrow_and_update().contains(&serial) {
+                    return;
+                }
+                if revocations.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        });
+    let outcome = relay::relay(&mut tls, &mut session.stream, limits, Some(revoked)).await;
     drop(cancel);
     let ended_by_us = match (&outcome.end, max_session, limits.idle) {
         (relay::RelayEnd::Deadline, Some(limit), _) => Some(format!(
@@ -413,6 +427,9 @@ async fn admit_and_relay(
         (relay::RelayEnd::Idle, _, Some(idle)) => Some(format!(
             "terminating connection: idle for {} (connection {conn_id})",
             humantime::format_duration(idle)
+        )),
+        (relay::RelayEnd::Stopped, _, _) => Some(format!(
+            "terminating connection: the certificate of {id_text} was revoked (connection {conn_id})"
         )),
         _ => None,
     };

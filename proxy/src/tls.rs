@@ -1,6 +1,7 @@
 //! TLS for both legs: the client-facing server config (mandatory client certificates checked
 //! against our trust bundle and CRL) and the client config the proxy uses toward PostgreSQL.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
@@ -159,6 +160,11 @@ impl ReloadingServerConfig {
         })
     }
 
+    /// The files the config is built from.
+    pub fn files(&self) -> &ServerTlsFiles {
+        &self.files
+    }
+
     /// The config for the next handshake.
     pub fn get(&self) -> Arc<ServerConfig> {
         match self.current.read() {
@@ -207,4 +213,45 @@ pub fn upstream_client_config(
         None => builder.with_no_client_auth(),
     };
     Ok(Arc::new(config))
+}
+
+/// The serials (lowercase hex of the raw serial, as the identity module writes them) that the
+/// configured CRLs revoke, counting only CRLs whose signature verifies with a CA in the
+/// client trust bundle: a forged CRL file must not be able to end sessions.
+pub fn revoked_serials(files: &ServerTlsFiles) -> Result<HashSet<String>, TlsError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    use x509_parser::revocation_list::CertificateRevocationList;
+
+    let mut serials = HashSet::new();
+    let Some(crl_path) = &files.crl else {
+        return Ok(serials);
+    };
+    let cas = load_certs(&files.client_ca, "CA certificates")?;
+    let crls = CertificateRevocationListDer::pem_file_iter(crl_path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|source| TlsError::Read {
+            what: "a CRL",
+            path: crl_path.clone(),
+            source,
+        })?;
+    for der in &crls {
+        let Ok((_, crl)) = CertificateRevocationList::from_der(der) else {
+            tracing::error!(path = %crl_path.display(), "a CRL cannot be parsed; ignored for live sessions");
+            continue;
+        };
+        let verified = cas.iter().any(|ca| {
+            X509Certificate::from_der(ca).is_ok_and(|(_, ca)| {
+                ca.subject() == crl.issuer() && crl.verify_signature(ca.public_key()).is_ok()
+            })
+        });
+        if !verified {
+            tracing::error!(path = %crl_path.display(), "a CRL is not signed by a trusted CA; ignored for live sessions");
+            continue;
+        }
+        serials.extend(
+            crl.iter_revoked_certificates()
+                .map(|revoked| hex::encode(revoked.raw_serial())),
+        );
+    }
+    Ok(serials)
 }
