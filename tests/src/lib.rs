@@ -257,12 +257,24 @@ pub async fn connect_with(
     config: &Config,
     tls: rustls::ClientConfig,
 ) -> Result<Client, tokio_postgres::Error> {
+    Ok(connect_watching(config, tls).await?.0)
+}
+
+/// As [`connect_with`], also handing back the connection task. A FATAL the server sends while
+/// the client is idle (a session the proxy ends) is reported there, not by the next query,
+/// which sees only a closed connection.
+pub async fn connect_watching(
+    config: &Config,
+    tls: rustls::ClientConfig,
+) -> Result<
+    (
+        Client,
+        tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+    ),
+    tokio_postgres::Error,
+> {
     let (client, connection) = config.connect(MakeRustlsConnect::new(tls)).await?;
-    tokio::spawn(async move {
-        // The error, if any, surfaces to the test through the client's next call.
-        let _ = connection.await;
-    });
-    Ok(client)
+    Ok((client, tokio::spawn(connection)))
 }
 
 /// Connects without TLS, with an optional password (SCRAM or cleartext, as the server asks).

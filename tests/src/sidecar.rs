@@ -169,6 +169,23 @@ impl Deployment {
         connect_with(&self.pg_config(role, "postgres"), tls).await
     }
 
+    /// As [`Deployment::connect`], also handing back the connection task, where a FATAL sent
+    /// to an idle client is reported.
+    pub async fn connect_watching(
+        &self,
+        name: &str,
+        role: &str,
+    ) -> Result<
+        (
+            Client,
+            tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+        ),
+        tokio_postgres::Error,
+    > {
+        let tls = self.tls_for(name).expect("a sample identity");
+        crate::connect_watching(&self.pg_config(role, "postgres"), tls).await
+    }
+
     /// Connects as `name`/`role` with a password (an MFA code or a step-up token).
     pub async fn connect_with_password(
         &self,

@@ -62,22 +62,22 @@ async fn idle_sessions_end_with_57p01_and_a_logged_reason() -> anyhow::Result<()
         ..SidecarOptions::default()
     })
     .await?;
-    let billing = d.connect("billing", "billing").await?;
+    let (billing, connection) = d.connect_watching("billing", "billing").await?;
     // Busy for longer than the idle timeout: not ended.
     for _ in 0..6 {
         billing.simple_query("select 1").await?;
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let err = billing
-        .simple_query("select 1")
+    let ended = tokio::time::timeout(Duration::from_secs(5), connection)
         .await
-        .expect_err("the idle session was ended");
-    // The FATAL arrived while the client was idle; tokio-postgres reports it on the next use
-    // either as the ErrorResponse itself or as a closed connection.
-    if let Some(db) = err.as_db_error() {
-        assert_eq!(db.code().code(), "57P01", "{db:?}");
-    }
+        .expect("the idle session was ended")?;
+    let err = ended.expect_err("the proxy ended the session");
+    let db = err
+        .as_db_error()
+        .expect("an ErrorResponse, not a dropped connection");
+    assert_eq!(db.code().code(), "57P01", "{db:?}");
+    assert!(db.message().contains("idle"), "{}", db.message());
+    assert!(billing.simple_query("select 1").await.is_err());
     let end = d
         .wait_for_decision(|l| l["event"] == "session_end" && l["db_user"] == "billing")
         .await?;
