@@ -403,21 +403,15 @@ async fn admit_and_relay(
         deadline,
         idle: sidecar.settings.limits.idle_timeout,
     };
-    // A revocation ends the session too, not just the next handshake.
-    let mut revocations = sidecar.revoked.subscribe();
-    let serial = identity.serial_hex.clone();
-    let revoked: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
-        Box::pin(async move {
-            loop {
-                if revocations.borrow_and_update().contains(&serial) {
-                    return;
-                }
-                if revocations.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            }
-        });
-    let outcome = relay::relay(&mut tls, &mut session.stream, limits, Some(revoked)).await;
+    // A revocation ends the session too, not just the next handshake. Without a CRL nothing
+    // can be revoked, and the relay is spared the boundary tracking and the extra poll.
+    let revoked = sidecar
+        .settings
+        .listen
+        .crl
+        .is_some()
+        .then(|| revocation_of(&sidecar, identity.serial_hex.clone()));
+    let outcome = relay::relay(&mut tls, &mut session.stream, limits, revoked).await;
     drop(cancel);
     let ended_by_us = match (&outcome.end, max_session, limits.idle) {
         (relay::RelayEnd::Deadline, Some(limit), _) => Some(format!(
@@ -461,6 +455,24 @@ async fn admit_and_relay(
     if let Err(err) = sidecar.audit.record(end).await {
         tracing::error!(conn.id = %conn_id, %err, "could not log session end");
     }
+}
+
+/// Completes when the serial appears among the revoked ones the sidecar broadcasts.
+fn revocation_of(
+    sidecar: &Sidecar,
+    serial: String,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    let mut revocations = sidecar.revoked.subscribe();
+    Box::pin(async move {
+        loop {
+            if revocations.borrow_and_update().contains(&serial) {
+                return;
+            }
+            if revocations.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    })
 }
 
 fn decide(
