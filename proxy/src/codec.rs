@@ -301,6 +301,11 @@ pub fn put_sasl_initial_response(buf: &mut BytesMut, mechanism: &str, data: &[u8
     });
 }
 
+/// Appends a decoded message as it was on the wire (to pass a server's message on unchanged).
+pub fn put_raw(buf: &mut BytesMut, msg: &Message) {
+    put_message(buf, msg.tag, |b| b.put_slice(&msg.body));
+}
+
 /// Appends Terminate.
 pub fn put_terminate(buf: &mut BytesMut) {
     put_message(buf, b'X', |_| {});
@@ -553,6 +558,23 @@ mod tests {
             buf.put_u32(len);
             assert!(decode_message(&mut buf, 100).is_err(), "len {len}");
         }
+    }
+
+    #[test]
+    fn a_decoded_message_re_encodes_byte_for_byte() {
+        let mut wire = BytesMut::new();
+        put_error(
+            &mut wire,
+            Severity::Fatal,
+            "3D000",
+            "no such database",
+            None,
+        );
+        let original = wire.clone();
+        let msg = decode_message(&mut wire, 1000).unwrap().unwrap();
+        let mut again = BytesMut::new();
+        put_raw(&mut again, &msg);
+        assert_eq!(again, original);
     }
 
     #[test]

@@ -183,10 +183,10 @@ pub async fn prepare(config: Config) -> Result<Sidecar, StartError> {
         let key = TokenKey::load_or_create(&settings.mfa.token_key)?;
         Some(Arc::new(Verifier::new(store, key, &settings.mfa)))
     };
-    let settings_limits_per_source = settings.limits.max_startups_per_source;
     let (revoked, _) = watch::channel(Arc::new(crate::tls::revoked_serials(&tls_files)?));
     Ok(Sidecar {
         cancels: CancelRegistry::new(settings.limits.cancels_per_second),
+        startup_slots: StartupSlots::new(settings.limits.max_startups_per_source),
         settings,
         policy,
         tls,
@@ -194,7 +194,6 @@ pub async fn prepare(config: Config) -> Result<Sidecar, StartError> {
         audit,
         mfa,
         cert_usage: Arc::new(CertUsage::default()),
-        startup_slots: StartupSlots::new(settings_limits_per_source),
         revoked,
     })
 }

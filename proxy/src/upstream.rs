@@ -367,11 +367,11 @@ impl Upstream {
                 b'K' => backend = Some(codec::parse_backend_key(&msg.body)?),
                 b'N' => {
                     // Notices during login (e.g. a password about to expire) go to the client.
-                    push_raw(&mut pending, &msg);
+                    codec::put_raw(&mut pending, &msg);
                 }
                 b'E' => {
                     let mut raw = BytesMut::new();
-                    push_raw(&mut raw, &msg);
+                    codec::put_raw(&mut raw, &msg);
                     return Err(UpstreamError::Rejected {
                         fields: codec::parse_error_fields(&msg.body),
                         raw: raw.freeze(),
@@ -493,13 +493,6 @@ fn client_config_for(
     })?;
     guard.insert(role.to_owned(), config.clone());
     Ok(config)
-}
-
-/// Re-encodes a decoded message into `buf` as it was on the wire.
-fn push_raw(buf: &mut BytesMut, msg: &codec::Message) {
-    buf.extend_from_slice(&[msg.tag]);
-    buf.extend_from_slice(&((msg.body.len() + 4) as u32).to_be_bytes());
-    buf.extend_from_slice(&msg.body);
 }
 
 async fn read_message(
