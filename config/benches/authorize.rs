@@ -80,6 +80,7 @@ fn bench(c: &mut Criterion) {
             user,
             database: "billing",
             mfa_fresh: mfa,
+            mfa_roles: None,
         };
         group.bench_function(name, |b| {
             b.iter(|| authorize(black_box(&policy), black_box(&req)))

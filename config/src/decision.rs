@@ -6,6 +6,7 @@ use std::net::IpAddr;
 
 use eastwall_ca::spiffe::SpiffeId;
 
+use crate::mfa_roles::{protected_role_reason, MfaRoles};
 use crate::policy::{Policy, Rule, RuleKind, RuleRef, Selector};
 
 /// One connection attempt, in policy terms.
@@ -25,6 +26,9 @@ pub struct Request<'a> {
     pub database: &'a str,
     /// Whether a fresh MFA assertion (TOTP code or step-up token) came with the request.
     pub mfa_fresh: bool,
+    /// The roles `mfa(..)` rules protect ([`Policy::mfa_roles`]): a grant of one of them
+    /// without a fresh MFA assertion is a deny. `None` checks no role protection.
+    pub mfa_roles: Option<&'a MfaRoles>,
 }
 
 /// What to do with the connection.
@@ -104,7 +108,7 @@ fn quoted(names: &[&str]) -> String {
         .join(", ")
 }
 
-fn from_matches(policy: &Policy, rule: &Rule, id: &SpiffeId) -> bool {
+pub(crate) fn from_matches(policy: &Policy, rule: &Rule, id: &SpiffeId) -> bool {
     rule.from.iter().any(|sel| match sel {
         Selector::Segment(i) => policy.segments.get(*i).is_some_and(|s| s.contains(id)),
         Selector::Group(i) => policy.groups.get(*i).is_some_and(|s| s.contains(id)),
@@ -156,7 +160,7 @@ fn names(list: &[Box<str>]) -> String {
 
 /// The first group named by the rule's `mfa(..)` that contains the identity, with the
 /// challenge reason the rule wrote for it at load.
-fn mfa_group_for<'p>(
+pub(crate) fn mfa_group_for<'p>(
     policy: &'p Policy,
     rule: &'p Rule,
     id: &SpiffeId,
@@ -311,6 +315,24 @@ fn evaluate(policy: &Policy, req: &Request, mut trace: Option<&mut Vec<String>>)
                     alert: false,
                     role_named_by_rule: role_named,
                     mfa_group: Some(group.to_owned()),
+                };
+            }
+        }
+        if mfa.is_none() {
+            if let Some(protection) = req.mfa_roles.and_then(|roles| roles.get(req.user)) {
+                if let Some(t) = trace.as_deref_mut() {
+                    t.push(format!(
+                        "role {:?} is protected by mfa({}) at {}: no grant without MFA",
+                        req.user, protection.group, protection.rule
+                    ));
+                }
+                return Decision {
+                    verdict: Verdict::Deny,
+                    rule: Some(protection.rule.clone()),
+                    reason: protected_role_reason(req, protection),
+                    alert: false,
+                    role_named_by_rule: false,
+                    mfa_group: None,
                 };
             }
         }

@@ -107,6 +107,16 @@ impl IdPattern {
         &self.raw
     }
 
+    /// Whether some identity this pattern names could have `segment` as its last path
+    /// segment (the role it gets by default).
+    pub fn may_end_with(&self, segment: &str) -> bool {
+        match self.segs.last() {
+            Some(Seg::Lit(lit)) => &**lit == segment,
+            Some(Seg::One | Seg::Many) => true,
+            None => false,
+        }
+    }
+
     /// Whether `id` is one of the identities this pattern names.
     pub fn matches(&self, id: &SpiffeId) -> bool {
         // `SpiffeId::segments` is an opaque iterator; the matcher needs a cloneable one.

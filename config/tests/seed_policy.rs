@@ -250,6 +250,7 @@ fn another_port_is_not_the_allowed_flow() {
         user: "billing",
         database: "billing",
         mfa_fresh: false,
+        mfa_roles: None,
     };
     assert_eq!(eastwall_config::authorize(&p, &req).verdict, Verdict::Deny);
     let req = Request { port: 5432, ..req };
@@ -268,6 +269,7 @@ fn explain_traces_every_rule_and_why() {
         user: "finance-laptop",
         database: "finance-laptop",
         mfa_fresh: false,
+        mfa_roles: None,
     };
     let (d, trace) = explain(&p, &req);
     assert_eq!(d, eastwall_config::authorize(&p, &req));

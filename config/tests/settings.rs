@@ -336,6 +336,7 @@ fn loaded_policy_decides_with_the_configured_segments() {
             user: "billing",
             database: "billing",
             mfa_fresh: false,
+            mfa_roles: None,
         },
     );
     assert_eq!(d.verdict, Verdict::Allow);

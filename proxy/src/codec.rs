@@ -306,6 +306,41 @@ pub fn put_raw(buf: &mut BytesMut, msg: &Message) {
     put_message(buf, msg.tag, |b| b.put_slice(&msg.body));
 }
 
+/// Appends a simple Query.
+pub fn put_query(buf: &mut BytesMut, sql: &str) {
+    put_message(buf, b'Q', |b| put_cstr(b, sql));
+}
+
+/// The columns of a DataRow body: each value's bytes, or None for SQL NULL.
+pub fn parse_data_row(body: &[u8]) -> Result<Vec<Option<Bytes>>, CodecError> {
+    let bad = CodecError::Malformed("DataRow");
+    let mut b = Bytes::copy_from_slice(body);
+    if b.len() < 2 {
+        return Err(bad);
+    }
+    let count = b.get_u16();
+    let mut columns = Vec::with_capacity(usize::from(count).min(64));
+    for _ in 0..count {
+        if b.len() < 4 {
+            return Err(bad);
+        }
+        let len = b.get_i32();
+        if len < 0 {
+            columns.push(None);
+            continue;
+        }
+        let len = len as usize;
+        if b.len() < len {
+            return Err(bad);
+        }
+        columns.push(Some(b.split_to(len)));
+    }
+    if !b.is_empty() {
+        return Err(bad);
+    }
+    Ok(columns)
+}
+
 /// Appends Terminate.
 pub fn put_terminate(buf: &mut BytesMut) {
     put_message(buf, b'X', |_| {});
@@ -658,5 +693,25 @@ mod tests {
             let _ = parse_backend_key(&bytes);
             let _ = parse_password(&bytes);
         }
+    }
+
+    #[test]
+    fn data_rows_decode_values_and_nulls_and_refuse_short_bodies() {
+        let mut body = BytesMut::new();
+        body.put_u16(3);
+        body.put_i32(1);
+        body.put_slice(b"t");
+        body.put_i32(-1);
+        body.put_i32(0);
+        let row = parse_data_row(&body).unwrap();
+        assert_eq!(row[0].as_deref(), Some(&b"t"[..]));
+        assert_eq!(row[1], None);
+        assert_eq!(row[2].as_deref(), Some(&b""[..]));
+        for cut in 0..body.len() {
+            assert!(parse_data_row(&body[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut long = body.clone();
+        long.put_u8(0);
+        assert!(parse_data_row(&long).is_err(), "trailing bytes");
     }
 }

@@ -7,6 +7,8 @@
 //! - [`codec`]: the PostgreSQL wire codec, pure functions over bytes.
 //! - [`tls`]: rustls configs for both legs; CRL reload.
 //! - [`identity`]: X509-SVID checks and handshake-failure reasons.
+//! - [`params`]: which startup parameters may reach PostgreSQL (an allowlist).
+//! - [`privilege`]: whether a login role is superuser-equivalent, from the catalog.
 //! - [`session`]: one connection end to end — decision, MFA step-up, upstream login, relay.
 //! - [`mfa`]: TOTP secrets, replay and lockout, step-up tokens; [`stepup`]: its HTTPS endpoint.
 //! - [`upstream`]: the proxy's own login to PostgreSQL (trust, SCRAM, cert).
@@ -26,7 +28,9 @@ pub mod codec;
 pub mod demo;
 pub mod identity;
 pub mod mfa;
+pub mod params;
 pub mod pgcluster;
+pub mod privilege;
 pub mod quickstart;
 pub mod relay;
 pub mod server;

@@ -3,10 +3,11 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use eastwall_config::{Config, Policy, Settings};
+use eastwall_ca::SpiffeId;
+use eastwall_config::{Config, MfaRoles, Policy, Settings};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
@@ -53,6 +54,8 @@ pub struct Sidecar {
     pub audit: AuditLog,
     pub mfa: Option<Arc<Verifier>>,
     pub cert_usage: Arc<CertUsage>,
+    /// Roles that `mfa(..)` rules protect; recomputed when the MFA enrollments change.
+    pub mfa_roles: RwLock<Arc<MfaRoles>>,
     pub startup_slots: Arc<StartupSlots>,
     /// Serials the verified CRLs revoke, re-sent on every reload: live sessions watch it and
     /// end when their certificate appears (new handshakes are refused by the TLS verifier).
@@ -146,6 +149,20 @@ impl Sidecar {
     }
 }
 
+/// The roles `mfa(..)` rules protect on the segment this sidecar guards, counting the
+/// identities enrolled for MFA (an unreadable secrets file enrolls nobody here; the sidecar
+/// itself refuses to start without one when MFA is required).
+pub fn mfa_roles(settings: &Settings, policy: &Policy) -> MfaRoles {
+    let enrolled: Vec<SpiffeId> = if policy.mfa_groups().is_empty() {
+        Vec::new()
+    } else {
+        SecretStore::load(&settings.mfa.secrets)
+            .map(|store| store.list().into_iter().map(|(id, _)| id).collect())
+            .unwrap_or_default()
+    };
+    policy.mfa_roles(&settings.guards, &enrolled)
+}
+
 /// A running sidecar: its addresses and a way to stop it.
 pub struct Running {
     pub local_addr: SocketAddr,
@@ -184,6 +201,7 @@ pub async fn prepare(config: Config) -> Result<Sidecar, StartError> {
         Some(Arc::new(Verifier::new(store, key, &settings.mfa)))
     };
     let (revoked, _) = watch::channel(Arc::new(crate::tls::revoked_serials(&tls_files)?));
+    let protected = RwLock::new(Arc::new(mfa_roles(&settings, &policy)));
     Ok(Sidecar {
         cancels: CancelRegistry::new(settings.limits.cancels_per_second),
         startup_slots: StartupSlots::new(settings.limits.max_startups_per_source),
@@ -194,6 +212,7 @@ pub async fn prepare(config: Config) -> Result<Sidecar, StartError> {
         audit,
         mfa,
         cert_usage: Arc::new(CertUsage::default()),
+        mfa_roles: protected,
         revoked,
     })
 }
@@ -299,6 +318,9 @@ fn spawn_upkeep(sidecar: Arc<Sidecar>, mut stop: watch::Receiver<bool>) {
                     }
                     if let Some(verifier) = &sidecar.mfa {
                         if let Ok(store) = SecretStore::load(&sidecar.settings.mfa.secrets) {
+                            let enrolled: Vec<SpiffeId> = store.list().into_iter().map(|(id, _)| id).collect();
+                            let roles = sidecar.policy.mfa_roles(&sidecar.settings.guards, &enrolled);
+                            *sidecar.mfa_roles.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(roles);
                             verifier.replace_store(store);
                         }
                     }

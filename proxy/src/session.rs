@@ -21,12 +21,10 @@ use crate::cancel::{BackendKey, CancelLookup};
 use crate::codec::{self, Severity};
 use crate::identity::{self, PeerIdentity};
 use crate::mfa::MfaOutcome;
+use crate::privilege::{self, Privilege};
 use crate::relay;
 use crate::server::{Sidecar, StartupSlot};
 use crate::startup::{self, Arrival, FrontDoor};
-
-/// Startup parameters the proxy sets itself or refuses; everything else is forwarded.
-const NOT_FORWARDED: &[&str] = &["user", "database", "replication"];
 
 /// Which certificates are in use, and from where: one SVID is one workload, so the same
 /// certificate from two source addresses at once is an alert.
@@ -241,6 +239,31 @@ async fn admit_and_relay(
         return refuse(&sidecar, &mut tls, entry, "28000", &message).await;
     }
 
+    // PostgreSQL cuts names at 63 bytes: judge only names it will use as they are.
+    for (what, name) in [("user", &user), ("database", &database)] {
+        if name.len() > crate::params::MAX_NAME_BYTES {
+            entry.decision = Some("deny");
+            entry.reason = "name_too_long".into();
+            let message = format!(
+                "{what} name of {} bytes is longer than PostgreSQL's limit of {} bytes (connection {conn_id})",
+                name.len(),
+                crate::params::MAX_NAME_BYTES
+            );
+            return refuse(&sidecar, &mut tls, entry, "28000", &message).await;
+        }
+    }
+    // Only settings that cannot change who the session is reach PostgreSQL.
+    let forwarded = match crate::params::screen(&startup.params) {
+        Ok(forwarded) => forwarded,
+        Err(err) => {
+            entry.decision = Some("deny");
+            entry.reason = err.reason().into();
+            entry.extra.insert("detail".into(), json!(err.to_string()));
+            let message = format!("{err} (connection {conn_id})");
+            return refuse(&sidecar, &mut tls, entry, "28000", &message).await;
+        }
+    };
+
     let (cert_use, cert_elsewhere) = sidecar.cert_usage.acquire(&identity.serial_hex, peer.ip());
     let _cert_use = cert_use;
 
@@ -309,12 +332,9 @@ async fn admit_and_relay(
         return refuse(&sidecar, &mut tls, entry, "28000", &message).await;
     }
 
-    // The proxy logs in on its own as the granted role; the client's startup parameters
-    // (other than user/database/replication) ride along.
-    let forwarded: Vec<(&str, &str)> = startup
-        .params
+    // The proxy logs in on its own as the granted role, with the screened settings.
+    let forwarded: Vec<(&str, &str)> = forwarded
         .iter()
-        .filter(|(k, _)| !NOT_FORWARDED.contains(&k.as_str()) && !k.starts_with("_pq_."))
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     let mut session = match sidecar.upstream.login(&user, &database, &forwarded).await {
@@ -336,14 +356,20 @@ async fn admit_and_relay(
             return;
         }
     };
-    if session.is_superuser() && !decision.role_named_by_rule {
-        entry.decision = Some("deny");
-        entry.reason = "superuser_role".into();
-        let _ = terminate(&mut session.stream).await;
-        let message = format!(
-            "role {user:?} is a superuser; no policy rule grants it to {id_text} (connection {conn_id})"
-        );
-        return refuse(&sidecar, &mut tls, entry, "28000", &message).await;
+    // A role named by an `as:` line may be anything, superuser included; any other role is
+    // asked of the catalog, since the session could later become whatever it is a member of.
+    if !decision.role_named_by_rule {
+        let timeout = sidecar.settings.upstream.connect_timeout;
+        if let Privilege::SuperuserEquivalent(why) = privilege::check(&mut session, timeout).await {
+            entry.decision = Some("deny");
+            entry.reason = "superuser_role".into();
+            entry.extra.insert("detail".into(), json!(why));
+            let _ = terminate(&mut session.stream).await;
+            let message = format!(
+                "role {user:?} is superuser-equivalent ({why}); no policy rule grants it by name to {id_text} (connection {conn_id})"
+            );
+            return refuse(&sidecar, &mut tls, entry, "28000", &message).await;
+        }
     }
 
     // Fail closed: without a durable allow line, nobody is admitted.
@@ -483,6 +509,11 @@ fn decide(
     database: &str,
     mfa_fresh: bool,
 ) -> Decision {
+    let roles = sidecar
+        .mfa_roles
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     authorize(
         &sidecar.policy,
         &Request {
@@ -493,6 +524,7 @@ fn decide(
             user,
             database,
             mfa_fresh,
+            mfa_roles: Some(&roles),
         },
     )
 }

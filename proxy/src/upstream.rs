@@ -130,15 +130,6 @@ pub struct UpstreamSession {
     pub pending: BytesMut,
 }
 
-impl UpstreamSession {
-    /// Whether PostgreSQL reported this session's role as a superuser.
-    pub fn is_superuser(&self) -> bool {
-        self.parameters
-            .iter()
-            .any(|(k, v)| k == "is_superuser" && v == "on")
-    }
-}
-
 /// How to reach PostgreSQL and log in; built once from the settings.
 pub struct Upstream {
     target: UpstreamTarget,

@@ -93,6 +93,7 @@ fn decide(id: &str, user: &str, database: &str, mfa_fresh: bool) -> eastwall_con
             user,
             database,
             mfa_fresh,
+            mfa_roles: None,
         },
     )
 }

@@ -64,6 +64,7 @@ pub fn decide(policy: &Policy, id_str: &str, user: &str, database: &str, mfa: bo
             user,
             database,
             mfa_fresh: mfa,
+            mfa_roles: None,
         },
     )
 }

@@ -78,6 +78,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 user: &user,
                 database: &database,
                 mfa_fresh: mfa,
+                mfa_roles: Some(&crate::server::mfa_roles(&config.settings, &config.policy)),
             };
             let (decision, trace) = eastwall_config::explain(&config.policy, &req);
             println!("decision: {}", decision.verdict.as_str());
@@ -153,5 +154,10 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
         settings.guards,
         settings.service_port
     );
+    // Not errors (the sidecar refuses these requests), but the author should know.
+    let roles = crate::server::mfa_roles(settings, policy);
+    for gap in policy.mfa_role_gaps(&settings.guards, &roles) {
+        eprintln!("warning: {gap}");
+    }
     Ok(())
 }
