@@ -204,6 +204,57 @@ mod tests {
     }
 
     #[test]
+    fn a_leaf_from_an_intermediate_is_logged_as_svid_not_direct() {
+        let err = handshake_error(RustlsError::InvalidCertificate(CertificateError::Other(
+            rustls::OtherError(Arc::new(NotIssuedByAnchor)),
+        )));
+        assert_eq!(handshake_failure_reason(&err), "svid_not_direct");
+        assert!(err.to_string().contains("intermediate CA"), "{err}");
+    }
+
+    /// A self-signed leaf whose subjectAltName extension is `names` (DER contents of the
+    /// GeneralNames SEQUENCE), written by hand.
+    fn leaf_with_san(names: &[u8]) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::new(Vec::new()).unwrap();
+        let mut san = vec![0x30, names.len() as u8];
+        san.extend_from_slice(names);
+        let mut ext = rcgen::CustomExtension::from_oid_content(&[2, 5, 29, 17], san);
+        ext.set_criticality(true);
+        params.custom_extensions.push(ext);
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    fn uri(bytes: &[u8]) -> Vec<u8> {
+        let mut out = vec![0x86, bytes.len() as u8];
+        out.extend_from_slice(bytes);
+        out
+    }
+
+    #[test]
+    fn an_undecodable_san_entry_is_refused_not_skipped() {
+        let td = TrustDomain::parse("corp.example").unwrap();
+        let good = uri(b"spiffe://corp.example/app/billing");
+        let der = leaf_with_san(&good);
+        let ok = identify(Some(&[CertificateDer::from(der)]), &td).unwrap();
+        assert_eq!(ok.id.as_str(), "spiffe://corp.example/app/billing");
+
+        let mut names = good.clone();
+        names.extend(uri(&[0xff, 0xfe, 0x80]));
+        let der = leaf_with_san(&names);
+        let err = identify(Some(&[CertificateDer::from(der)]), &td).unwrap_err();
+        assert_eq!(err, IdentityError::InvalidSan(1));
+        assert_eq!(err.reason(), "svid_invalid_san");
+
+        // An undecodable DNS name hides nothing URI-shaped, but is refused just the same.
+        let mut names = vec![0x82, 2, 0xc3, 0x28];
+        names.extend(good);
+        let der = leaf_with_san(&names);
+        let err = identify(Some(&[CertificateDer::from(der)]), &td).unwrap_err();
+        assert_eq!(err.reason(), "svid_invalid_san");
+    }
+
+    #[test]
     fn other_webpki_failures_stay_bad_certificate() {
         let err = handshake_error(RustlsError::InvalidCertificate(CertificateError::Other(
             rustls::OtherError(Arc::new(webpki::Error::PathLenConstraintViolated)),

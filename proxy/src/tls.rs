@@ -845,3 +845,351 @@ pub fn upstream_client_config(
     };
     Ok(Arc::new(config))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType, IsCa, Issuer,
+        KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams, SerialNumber,
+    };
+    use time::OffsetDateTime;
+
+    /// A root CA made with rcgen: its certificate and what it needs to sign.
+    struct Root {
+        params: CertificateParams,
+        key: KeyPair,
+        der: CertificateDer<'static>,
+        pem: String,
+    }
+
+    fn root(cn: &str) -> Root {
+        let mut params = CertificateParams::new(Vec::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.key_identifier_method = KeyIdMethod::Sha256;
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        Root {
+            der: cert.der().clone(),
+            pem: cert.pem(),
+            params,
+            key,
+        }
+    }
+
+    impl Root {
+        fn issuer(&self) -> Issuer<'_, &KeyPair> {
+            Issuer::from_params(&self.params, &self.key)
+        }
+
+        /// A client leaf with `serial`.
+        fn leaf(&self, serial: &[u8]) -> CertificateDer<'static> {
+            let mut params = CertificateParams::new(vec!["client.example".to_owned()]).unwrap();
+            params.serial_number = Some(SerialNumber::from_slice(serial));
+            params.is_ca = IsCa::ExplicitNoCa;
+            params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+            let key = KeyPair::generate().unwrap();
+            params
+                .signed_by(&key, &self.issuer())
+                .unwrap()
+                .der()
+                .clone()
+        }
+
+        fn crl(&self, number: u64, revoked: &[&[u8]], next_update: OffsetDateTime) -> String {
+            let params = CertificateRevocationListParams {
+                this_update: next_update - time::Duration::days(8),
+                next_update,
+                crl_number: SerialNumber::from(number),
+                issuing_distribution_point: None,
+                revoked_certs: revoked
+                    .iter()
+                    .map(|s| RevokedCertParams {
+                        serial_number: SerialNumber::from_slice(s),
+                        revocation_time: next_update - time::Duration::days(8),
+                        reason_code: None,
+                        invalidity_date: None,
+                    })
+                    .collect(),
+                key_identifier_method: KeyIdMethod::Sha256,
+            };
+            params.signed_by(&self.issuer()).unwrap().pem().unwrap()
+        }
+    }
+
+    fn week() -> OffsetDateTime {
+        OffsetDateTime::now_utc() + time::Duration::days(7)
+    }
+
+    fn now() -> UnixTime {
+        UnixTime::now()
+    }
+
+    fn load(
+        dir: &Path,
+        text: &str,
+        anchors: &[CertificateDer<'_>],
+    ) -> Result<Revocation, CrlProblem> {
+        let path = dir.join("crl.pem");
+        std::fs::write(&path, text).unwrap();
+        Revocation::load(&path, anchors)
+    }
+
+    #[test]
+    fn issuer_and_serial_read_what_x509_parser_reads() {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let ca = root("Test CA");
+        for serial in [&[0x01][..], &[0x00, 0x80, 0x11], &[0x7f; 20]] {
+            let leaf = ca.leaf(serial);
+            let (_, parsed) = X509Certificate::from_der(&leaf).unwrap();
+            let (issuer, raw) = issuer_and_serial(&leaf).unwrap();
+            assert_eq!(issuer, parsed.issuer().as_raw());
+            assert_eq!(raw, parsed.raw_serial());
+        }
+        assert!(issuer_and_serial(b"").is_none());
+        assert!(issuer_and_serial(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]).is_none());
+        let leaf = ca.leaf(&[1]);
+        for cut in 0..leaf.len() {
+            // Never a panic on a truncated certificate.
+            let _ = issuer_and_serial(&leaf[..cut]);
+        }
+    }
+
+    #[test]
+    fn a_file_without_a_crl_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = root("Test CA");
+        let anchors = [ca.der.clone()];
+        assert_eq!(
+            load(dir.path(), "", &anchors).unwrap_err(),
+            CrlProblem::NoCrl
+        );
+        assert_eq!(
+            load(dir.path(), &ca.pem, &anchors).unwrap_err(),
+            CrlProblem::NoCrl
+        );
+        let err = Revocation::load(&dir.path().join("missing.pem"), &anchors).unwrap_err();
+        assert!(matches!(err, CrlProblem::Unreadable(_)), "{err:?}");
+    }
+
+    #[test]
+    fn every_anchor_needs_its_own_signed_crl_exactly_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = root("CA A");
+        let b = root("CA B");
+        let both = [a.der.clone(), b.der.clone()];
+        let err = load(dir.path(), &a.crl(1, &[], week()), &both).unwrap_err();
+        assert_eq!(err.reason(), "crl_missing");
+        assert!(err.to_string().contains("CA B"), "{err}");
+
+        let err = load(
+            dir.path(),
+            &b.crl(1, &[], week()),
+            std::slice::from_ref(&a.der),
+        )
+        .unwrap_err();
+        assert_eq!(err.reason(), "crl_untrusted");
+        assert!(matches!(err, CrlProblem::UnknownIssuer { .. }));
+
+        // Same name as A, another key: a forged CRL.
+        let forger = root("CA A");
+        let err = load(
+            dir.path(),
+            &forger.crl(9, &[], week()),
+            std::slice::from_ref(&a.der),
+        )
+        .unwrap_err();
+        assert!(matches!(err, CrlProblem::BadSignature { .. }), "{err:?}");
+
+        let twice = format!("{}{}", a.crl(1, &[], week()), a.crl(2, &[], week()));
+        let err = load(dir.path(), &twice, std::slice::from_ref(&a.der)).unwrap_err();
+        assert!(matches!(err, CrlProblem::Duplicate { .. }), "{err:?}");
+
+        let text = format!("{}{}", a.crl(1, &[], week()), b.crl(1, &[], week()));
+        assert!(load(dir.path(), &text, &both).is_ok());
+    }
+
+    #[test]
+    fn the_handshake_check_refuses_revoked_stale_and_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = root("Test CA");
+        let other = root("Other CA");
+        let next = week();
+        let rev = load(
+            dir.path(),
+            &ca.crl(3, &[&[0x42], &[0x00, 0x99]], next),
+            std::slice::from_ref(&ca.der),
+        )
+        .unwrap();
+        assert_eq!(rev.check(&ca.leaf(&[0x43]), now()), Ok(()));
+        assert_eq!(
+            rev.check(&ca.leaf(&[0x42]), now()),
+            Err(CertificateError::Revoked)
+        );
+        assert_eq!(
+            rev.check(&ca.leaf(&[0x00, 0x99]), now()),
+            Err(CertificateError::Revoked)
+        );
+        assert_eq!(
+            rev.check(&other.leaf(&[0x43]), now()),
+            Err(CertificateError::UnknownRevocationStatus)
+        );
+        assert_eq!(
+            rev.check(b"junk", now()),
+            Err(CertificateError::BadEncoding)
+        );
+        let after = UnixTime::since_unix_epoch(Duration::from_secs(next.unix_timestamp() as u64));
+        assert!(matches!(
+            rev.check(&ca.leaf(&[0x43]), after),
+            Err(CertificateError::ExpiredRevocationListContext { .. })
+        ));
+        assert!(rev.stale_at(SystemTime::now()).is_none());
+        assert!(rev
+            .stale_at(SystemTime::now() + Duration::from_secs(8 * 86400))
+            .is_some());
+        assert!(rev.revoked_serials().contains("42"));
+    }
+
+    #[test]
+    fn crl_numbers_only_go_up_and_survive_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join(CRL_STATE_FILE);
+        let ca = root("Test CA");
+        let anchors = [ca.der.clone()];
+        let five = load(dir.path(), &ca.crl(5, &[], week()), &anchors).unwrap();
+        let seen = CrlNumbers::load(&state).unwrap();
+        assert_eq!(seen, CrlNumbers::default());
+        let next = seen.advance(&five, &state).unwrap();
+        next.save(&state).unwrap();
+        let reread = CrlNumbers::load(&state).unwrap();
+        assert_eq!(reread, next);
+        // The same CRL again (a restart) is fine; an older one is not.
+        assert!(reread.advance(&five, &state).is_ok());
+        let four = load(dir.path(), &ca.crl(4, &[], week()), &anchors).unwrap();
+        let err = reread.advance(&four, &state).unwrap_err();
+        assert_eq!(err.reason(), "crl_rollback");
+        assert!(err.to_string().contains("lower than 5"), "{err}");
+
+        std::fs::write(&state, "{ not json").unwrap();
+        let err = CrlNumbers::load(&state).unwrap_err();
+        assert!(err.to_string().contains(CRL_STATE_FILE), "{err}");
+    }
+
+    /// A layout for the reloading config: server cert, trust bundle, CRL, state file.
+    fn layout(dir: &Path, ca: &Root, crl: &str) -> ServerTlsFiles {
+        let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params.is_ca = IsCa::ExplicitNoCa;
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &ca.issuer()).unwrap();
+        let files = ServerTlsFiles {
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+            client_ca: dir.join("ca.pem"),
+            crl: Some(dir.join("crl.pem")),
+            crl_state: dir.join(CRL_STATE_FILE),
+        };
+        std::fs::write(&files.cert, cert.pem()).unwrap();
+        std::fs::write(&files.key, key.serialize_pem()).unwrap();
+        std::fs::write(&files.client_ca, &ca.pem).unwrap();
+        std::fs::write(files.crl.as_ref().unwrap(), crl).unwrap();
+        files
+    }
+
+    /// Rewrites the CRL with a later mtime, so the reload notices it.
+    fn replace_crl(files: &ServerTlsFiles, text: &str) {
+        let path = files.crl.as_ref().unwrap();
+        std::fs::write(path, text).unwrap();
+        let later = SystemTime::now() + Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
+    }
+
+    #[test]
+    fn a_bad_reload_keeps_the_last_good_state_and_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = root("Test CA");
+        let files = layout(dir.path(), &ca, &ca.crl(2, &[&[0x42]], week()));
+        let tls = ReloadingServerConfig::new(files.clone()).unwrap();
+        let first = tls.get();
+        assert!(tls.revoked_serials().contains("42"));
+
+        for bad in [String::new(), ca.pem.clone(), ca.crl(1, &[], week())] {
+            replace_crl(&files, &bad);
+            let err = tls.refresh().unwrap_err();
+            assert!(err.is_crl(), "{err}");
+            assert!(Arc::ptr_eq(&first, &tls.get()), "the old config stays");
+            assert!(tls.revoked_serials().contains("42"));
+        }
+        assert_eq!(tls.reload_failures(), 3);
+
+        replace_crl(&files, &ca.crl(3, &[&[0x42], &[0x43]], week()));
+        assert!(tls.refresh().unwrap());
+        assert!(!Arc::ptr_eq(&first, &tls.get()));
+        assert!(tls.revoked_serials().contains("43"));
+        assert!(!tls.refresh().unwrap(), "unchanged files are not rebuilt");
+
+        // A restart remembers number 3.
+        replace_crl(&files, &ca.crl(2, &[&[0x42]], week()));
+        let err = ReloadingServerConfig::new(files.clone()).err().unwrap();
+        assert_eq!(err.reason(), "crl_rollback");
+    }
+
+    #[test]
+    fn a_stale_crl_is_a_start_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = root("Test CA");
+        let past = OffsetDateTime::now_utc() - time::Duration::days(1);
+        let files = layout(dir.path(), &ca, &ca.crl(2, &[], past));
+        let err = ReloadingServerConfig::new(files).err().unwrap();
+        assert_eq!(err.reason(), "crl_expired");
+        assert!(err.to_string().contains("nextUpdate"), "{err}");
+    }
+
+    #[test]
+    fn only_leaves_issued_by_an_anchor_pass_the_verifier() {
+        let ca = root("Test CA");
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.der.clone()).unwrap();
+        let verifier = SvidVerifier::new(Arc::new(roots), None).unwrap();
+        assert!(verifier.client_auth_mandatory());
+        assert_eq!(verifier.root_hint_subjects().len(), 1);
+
+        let direct = ca.leaf(&[7]);
+        // A client that also sends the root is fine.
+        verifier
+            .verify_client_cert(&direct, std::slice::from_ref(&ca.der), now())
+            .unwrap();
+
+        let mut sub = CertificateParams::new(Vec::new()).unwrap();
+        sub.distinguished_name.push(DnType::CommonName, "Sub CA");
+        sub.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        sub.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let sub_key = KeyPair::generate().unwrap();
+        let sub_cert = sub.signed_by(&sub_key, &ca.issuer()).unwrap();
+        let sub_root = Root {
+            der: sub_cert.der().clone(),
+            pem: sub_cert.pem(),
+            params: sub,
+            key: sub_key,
+        };
+        let leaf = sub_root.leaf(&[8]);
+        let err = verifier
+            .verify_client_cert(&leaf, std::slice::from_ref(&sub_root.der), now())
+            .unwrap_err();
+        let RustlsError::InvalidCertificate(CertificateError::Other(other)) = err else {
+            panic!("{err:?}");
+        };
+        assert!(other.0.downcast_ref::<NotIssuedByAnchor>().is_some());
+        // Without the intermediate it is simply untrusted.
+        assert_eq!(
+            verifier.verify_client_cert(&leaf, &[], now()).unwrap_err(),
+            RustlsError::InvalidCertificate(CertificateError::UnknownIssuer)
+        );
+    }
+}
