@@ -591,12 +591,6 @@ fn build(files: &ServerTlsFiles) -> Result<Built, TlsError> {
     })
 }
 
-/// Builds the client-facing config from `files` (no CRL-number bookkeeping: for tools and
-/// tests; the sidecar uses [`ReloadingServerConfig`]).
-pub fn server_config(files: &ServerTlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
-    Ok(build(files)?.config)
-}
-
 /// The highest CRL number seen per trust-anchor key, persisted so that a restart cannot be
 /// fed an older CRL. Written atomically (temporary file, fsync, rename, fsync the folder).
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

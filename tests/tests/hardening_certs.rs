@@ -217,9 +217,9 @@ async fn a_crl_past_its_next_update_admits_no_one() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn a_leaf_from_an_intermediate_ca_is_refused_without_a_crl() -> anyhow::Result<()> {
-    let d = Deployment::start(SidecarOptions {
+/// A deployment whose `[listen]` has no `crl` line.
+async fn without_crl() -> anyhow::Result<Deployment> {
+    Deployment::start(SidecarOptions {
         edit_config: Some(Box::new(|text: &mut String| {
             *text = text
                 .lines()
@@ -229,7 +229,12 @@ async fn a_leaf_from_an_intermediate_ca_is_refused_without_a_crl() -> anyhow::Re
         })),
         ..SidecarOptions::default()
     })
-    .await?;
+    .await
+}
+
+#[tokio::test]
+async fn a_leaf_from_an_intermediate_ca_is_refused_without_a_crl() -> anyhow::Result<()> {
+    let d = without_crl().await?;
     // The CA signs leaves only; an intermediate signed with its key (pathlen 0, keyCertSign)
     // issues a perfectly formed SVID for billing, sent as leaf + intermediate.
     let (leaf, _intermediate) = issue_via_intermediate(&our_ca(&d)?, &billing_request()?)?;
@@ -259,4 +264,37 @@ async fn a_second_uri_san_hidden_by_invalid_utf8_is_refused() -> anyhow::Result<
     assert_eq!(line["reason"], "svid_invalid_san", "{line}");
     assert!(line["spiffe_id"].is_null(), "no identity was established");
     assert_still_serves(&d).await
+}
+
+#[tokio::test]
+async fn the_stepup_endpoint_refuses_a_leaf_from_an_intermediate_ca() -> anyhow::Result<()> {
+    let d = without_crl().await?;
+    let addr = d.proxy.stepup_addr.expect("a step-up endpoint");
+    let url = format!("https://localhost:{}/v1/stepup", addr.port());
+    let alice = IssueRequest::new(SpiffeId::parse(
+        "spiffe://corp.example/app/operators/alice",
+    )?);
+    let (leaf, _) = issue_via_intermediate(&our_ca(&d)?, &alice)?;
+    let key = leaf.key_pem.clone().unwrap_or_default();
+    let tls = std::sync::Arc::new(client_config(&d.ca_pem(), Some((&leaf.cert_pem, &key)))?);
+    let code = d.alice_code(std::time::SystemTime::now());
+    let result = eastwall::stepup::fetch_token(&url, tls, &code, Duration::from_secs(10)).await;
+    // Refused in the TLS handshake, before any HTTP answer (Refused would mean the endpoint
+    // accepted the certificate and judged the code).
+    match result {
+        Ok(_) => anyhow::bail!("a token for a certificate from an intermediate CA"),
+        Err(eastwall::stepup::StepUpError::Refused { .. }) => {
+            anyhow::bail!("the endpoint accepted the certificate and judged the code")
+        }
+        Err(err) => assert!(
+            format!("{err:?}").contains("CertificateUnknown"),
+            "expected the TLS alert certificate_unknown, got {err:?}"
+        ),
+    }
+    // The real alice still gets a token.
+    let tls = std::sync::Arc::new(d.tls_for("alice")?);
+    let code = d.alice_code(std::time::SystemTime::now());
+    let token = eastwall::stepup::fetch_token(&url, tls, &code, Duration::from_secs(10)).await?;
+    assert!(token.token.starts_with("ewst1."));
+    Ok(())
 }
