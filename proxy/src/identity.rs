@@ -10,6 +10,8 @@ use sha2::{Digest, Sha256};
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use crate::tls::NotIssuedByAnchor;
+
 /// A client that proved a workload identity.
 #[derive(Debug, Clone)]
 pub struct PeerIdentity {
@@ -30,6 +32,8 @@ pub enum IdentityError {
     Unparseable,
     #[error("the client certificate has more than one subjectAltName extension")]
     DuplicateSan,
+    #[error("the client certificate has {0} subjectAltName entries that cannot be decoded (such as a URI that is not UTF-8); an X509-SVID has none")]
+    InvalidSan(usize),
     #[error("the client certificate has no URI SAN (SPIFFE ID)")]
     NoUriSan,
     #[error("the client certificate has {0} URI SANs; an X509-SVID has exactly one")]
@@ -51,6 +55,7 @@ impl IdentityError {
             IdentityError::NoClientCert => "no_client_cert",
             IdentityError::Unparseable => "svid_unparseable",
             IdentityError::DuplicateSan => "svid_duplicate_san",
+            IdentityError::InvalidSan(_) => "svid_invalid_san",
             IdentityError::NoUriSan => "svid_no_uri",
             IdentityError::MultipleUriSans(_) => "svid_multi_uri",
             IdentityError::BadSpiffeId(_) => "svid_bad_id",
@@ -73,21 +78,26 @@ pub fn identify(
 
     // Count URI SANs from the raw extension, not webpki's iterator, which skips URIs that are
     // not UTF-8 and so could make two URIs look like one (protocol-security item 33).
+    // x509-parser reports an entry it cannot decode as `Invalid`; it could be a second URI,
+    // so any such entry is a refusal, never skipped.
     let san = cert
         .subject_alternative_name()
         .map_err(|_| IdentityError::DuplicateSan)?;
-    let uris: Vec<&str> = san
-        .map(|ext| {
-            ext.value
-                .general_names
-                .iter()
-                .filter_map(|name| match name {
-                    GeneralName::URI(uri) => Some(*uri),
-                    _ => None,
-                })
-                .collect()
+    let names = san.map_or(&[][..], |ext| ext.value.general_names.as_slice());
+    let invalid = names
+        .iter()
+        .filter(|name| matches!(name, GeneralName::Invalid(..)))
+        .count();
+    if invalid > 0 {
+        return Err(IdentityError::InvalidSan(invalid));
+    }
+    let uris: Vec<&str> = names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) => Some(*uri),
+            _ => None,
         })
-        .unwrap_or_default();
+        .collect();
     let uri = match uris.as_slice() {
         [] => return Err(IdentityError::NoUriSan),
         [one] => *one,
@@ -147,10 +157,15 @@ pub fn handshake_failure_reason(err: &std::io::Error) -> &'static str {
             // rustls has no variant for a CA certificate presented as a client leaf; webpki's
             // own error rides in `Other`. It is the same SVID rule `identify` enforces, so the
             // log gives it the same reason whichever layer caught it.
-            CertificateError::Other(other) => match other.0.downcast_ref::<webpki::Error>() {
-                Some(webpki::Error::CaUsedAsEndEntity) => "svid_ca_leaf",
-                _ => "bad_certificate",
-            },
+            CertificateError::Other(other) => {
+                if other.0.downcast_ref::<NotIssuedByAnchor>().is_some() {
+                    return "svid_not_direct";
+                }
+                match other.0.downcast_ref::<webpki::Error>() {
+                    Some(webpki::Error::CaUsedAsEndEntity) => "svid_ca_leaf",
+                    _ => "bad_certificate",
+                }
+            }
             _ => "bad_certificate",
         },
         RustlsError::NoApplicationProtocol => "alpn_mismatch",
@@ -186,6 +201,57 @@ mod tests {
             rustls::OtherError(Arc::new(webpki::Error::CaUsedAsEndEntity)),
         )));
         assert_eq!(handshake_failure_reason(&err), "svid_ca_leaf");
+    }
+
+    #[test]
+    fn a_leaf_from_an_intermediate_is_logged_as_svid_not_direct() {
+        let err = handshake_error(RustlsError::InvalidCertificate(CertificateError::Other(
+            rustls::OtherError(Arc::new(NotIssuedByAnchor)),
+        )));
+        assert_eq!(handshake_failure_reason(&err), "svid_not_direct");
+        assert!(err.to_string().contains("intermediate CA"), "{err}");
+    }
+
+    /// A self-signed leaf whose subjectAltName extension is `names` (DER contents of the
+    /// GeneralNames SEQUENCE), written by hand.
+    fn leaf_with_san(names: &[u8]) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::new(Vec::new()).unwrap();
+        let mut san = vec![0x30, names.len() as u8];
+        san.extend_from_slice(names);
+        let mut ext = rcgen::CustomExtension::from_oid_content(&[2, 5, 29, 17], san);
+        ext.set_criticality(true);
+        params.custom_extensions.push(ext);
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    fn uri(bytes: &[u8]) -> Vec<u8> {
+        let mut out = vec![0x86, bytes.len() as u8];
+        out.extend_from_slice(bytes);
+        out
+    }
+
+    #[test]
+    fn an_undecodable_san_entry_is_refused_not_skipped() {
+        let td = TrustDomain::parse("corp.example").unwrap();
+        let good = uri(b"spiffe://corp.example/app/billing");
+        let der = leaf_with_san(&good);
+        let ok = identify(Some(&[CertificateDer::from(der)]), &td).unwrap();
+        assert_eq!(ok.id.as_str(), "spiffe://corp.example/app/billing");
+
+        let mut names = good.clone();
+        names.extend(uri(&[0xff, 0xfe, 0x80]));
+        let der = leaf_with_san(&names);
+        let err = identify(Some(&[CertificateDer::from(der)]), &td).unwrap_err();
+        assert_eq!(err, IdentityError::InvalidSan(1));
+        assert_eq!(err.reason(), "svid_invalid_san");
+
+        // An undecodable DNS name hides nothing URI-shaped, but is refused just the same.
+        let mut names = vec![0x82, 2, 0xc3, 0x28];
+        names.extend(good);
+        let der = leaf_with_san(&names);
+        let err = identify(Some(&[CertificateDer::from(der)]), &td).unwrap_err();
+        assert_eq!(err.reason(), "svid_invalid_san");
     }
 
     #[test]

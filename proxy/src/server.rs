@@ -189,6 +189,11 @@ pub async fn prepare(config: Config) -> Result<Sidecar, StartError> {
         key: settings.listen.key.clone(),
         client_ca: settings.listen.client_ca.clone(),
         crl: settings.listen.crl.clone(),
+        // Beside the decision log: a folder the sidecar writes, kept with the audit trail.
+        crl_state: settings
+            .audit
+            .path
+            .with_file_name(crate::tls::CRL_STATE_FILE),
     };
     let tls = ReloadingServerConfig::new(tls_files.clone())?;
     let upstream = Upstream::new(&settings.upstream)?;
@@ -200,7 +205,7 @@ pub async fn prepare(config: Config) -> Result<Sidecar, StartError> {
         let key = TokenKey::load_or_create(&settings.mfa.token_key)?;
         Some(Arc::new(Verifier::new(store, key, &settings.mfa)))
     };
-    let (revoked, _) = watch::channel(Arc::new(crate::tls::revoked_serials(&tls_files)?));
+    let (revoked, _) = watch::channel(Arc::new(tls.revoked_serials()));
     let protected = RwLock::new(Arc::new(mfa_roles(&settings, &policy)));
     Ok(Sidecar {
         cancels: CancelRegistry::new(settings.limits.cancels_per_second),
@@ -306,15 +311,28 @@ fn spawn_upkeep(sidecar: Arc<Sidecar>, mut stop: watch::Receiver<bool>) {
                     match sidecar.tls.refresh() {
                         Ok(true) => {
                             tracing::info!("TLS files changed; new handshakes use them");
-                            match crate::tls::revoked_serials(sidecar.tls.files()) {
-                                Ok(serials) => {
-                                    sidecar.revoked.send_replace(Arc::new(serials));
-                                }
-                                Err(err) => tracing::error!(%err, "cannot read the CRL for live sessions"),
-                            }
+                            // The same verified state the handshakes consult, not a re-read.
+                            sidecar.revoked.send_replace(Arc::new(sidecar.tls.revoked_serials()));
                         }
                         Ok(false) => {}
-                        Err(err) => tracing::error!(%err, "TLS files changed but cannot be loaded; keeping the previous ones"),
+                        Err(err) => {
+                            // Kept visible: a tampered or broken CRL must not only be a trace
+                            // line. The last good files stay in force.
+                            tracing::error!(%err, failures = sidecar.tls.reload_failures(), "TLS files changed but cannot be loaded; keeping the previous ones");
+                            let event = if err.is_crl() { "crl_reload" } else { "tls_reload" };
+                            let mut entry = Entry {
+                                conn_id: crate::identity::new_conn_id(),
+                                event,
+                                reason: err.reason().to_owned(),
+                                alert: true,
+                                ..Entry::default()
+                            };
+                            entry.extra.insert("result".into(), "error".into());
+                            entry.extra.insert("detail".into(), err.to_string().into());
+                            if let Err(err) = sidecar.audit.record(entry).await {
+                                tracing::error!(%err, "decision log write failed");
+                            }
+                        }
                     }
                     if let Some(verifier) = &sidecar.mfa {
                         if let Ok(store) = SecretStore::load(&sidecar.settings.mfa.secrets) {
