@@ -473,7 +473,9 @@ fn stop_signal(sidecar: &Sidecar, serial: &str) -> relay::StopSignal<'static> {
                 }
             }
         };
+        // Biased: polled on every wake-up of the relay, so no per-poll random draw.
         tokio::select! {
+            biased;
             reason = everyone => reason,
             () = revoked => relay::EndReason::Revoked,
         }
