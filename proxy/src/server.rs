@@ -457,6 +457,25 @@ fn spawn_stepup(
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn a_shutdown_waits_for_live_sessions_and_no_longer() {
+        let live = LiveSessions::default();
+        assert!(live.all_ended(Duration::from_millis(10)).await);
+        let first = live.enter();
+        let second = live.enter();
+        assert_eq!(live.count(), 2);
+        assert!(!live.all_ended(Duration::from_millis(50)).await, "bounded");
+        drop(first);
+        let waiting = live.all_ended(Duration::from_secs(5));
+        let ending = async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(second);
+        };
+        let (ended, ()) = tokio::join!(waiting, ending);
+        assert!(ended);
+        assert_eq!(live.count(), 0);
+    }
+
     #[test]
     fn startup_slots_cap_each_source_and_come_back() {
         let slots = StartupSlots::new(2);
