@@ -320,6 +320,42 @@ async fn shutdown_ends_every_live_session_with_a_logged_reason() -> anyhow::Resu
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stopped_reading_cannot_hold_up_a_shutdown() -> anyhow::Result<()> {
+    let d = Deployment::start(SidecarOptions::default()).await?;
+    flood_table(&d)?;
+    let db = direct(&d.cluster).await?;
+    let tls = tiny_window_session(&d, "billing", "billing", None).await?;
+    let writer = flood(tls, Duration::from_secs(40), Some(50));
+    flood_is_flowing(&db).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let Deployment {
+        proxy,
+        layout,
+        cluster,
+        dir,
+    } = d;
+    let asked = Instant::now();
+    timeout(Duration::from_secs(10), proxy.shutdown())
+        .await
+        .context("shutdown did not finish within 10 s")?;
+    let ends: Vec<Value> = read_decisions(&layout.dir.join("decisions.log"))?
+        .into_iter()
+        .filter(|l| l["event"] == "session_end")
+        .collect();
+    assert_eq!(ends.len(), 1, "{ends:#?}");
+    assert_eq!(ends[0]["reason"], "shutdown");
+    while backends_of(&db, "billing").await? > 0 {
+        if asked.elapsed() > BACKEND_GONE_WITHIN {
+            bail!("billing's backend outlived the shutdown");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    writer.abort();
+    drop((cluster, dir));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_sessions_that_say_terminate_are_logged_client_closed() -> anyhow::Result<()> {
     let d = Deployment::start(SidecarOptions::default()).await?;
     let conninfo = d.conninfo("billing", "billing", "postgres");
