@@ -355,6 +355,23 @@ async fn a_client_that_stopped_reading_cannot_hold_up_a_shutdown() -> anyhow::Re
     Ok(())
 }
 
+/// The race psql sometimes loses, made certain: Terminate, then wait for the server to close,
+/// and only then the TLS close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminate_then_a_late_tls_close_is_logged_client_closed() -> anyhow::Result<()> {
+    let d = Deployment::start(SidecarOptions::default()).await?;
+    let (mut session, _, _) = sidecar_common::raw_session(&d, "billing", "billing").await?;
+    session.send(&query("select 1")).await?;
+    session.until_ready().await?;
+    session.send(&[b'X', 0, 0, 0, 4]).await?;
+    let rest = sidecar_common::read_to_close(&mut session.stream, READ_TIMEOUT).await?;
+    assert!(rest.is_empty(), "{rest:?}");
+    let _ = session.stream.shutdown().await;
+    let end = wait_for_line(&d, READ_TIMEOUT, |l| l["event"] == "session_end").await?;
+    assert_eq!(end["reason"], "client_closed", "{end}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_sessions_that_say_terminate_are_logged_client_closed() -> anyhow::Result<()> {
     let d = Deployment::start(SidecarOptions::default()).await?;
