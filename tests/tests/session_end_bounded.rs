@@ -355,6 +355,93 @@ async fn a_client_that_stopped_reading_cannot_hold_up_a_shutdown() -> anyhow::Re
     Ok(())
 }
 
+/// `eastwall proxy` on SIGTERM: the live session is ended with a logged reason before the
+/// process exits, and the client is told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_logs_the_end_of_live_sessions_before_exiting() -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader};
+    let bin = tokio::task::spawn_blocking(eastwall_e2e::eastwall_bin).await??;
+    let d = Deployment::start(SidecarOptions::default()).await?;
+    // A second config for the process: its own port and its own decision log.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let text = std::fs::read_to_string(&d.layout.config)?
+        .replace(
+            "address = \"127.0.0.1:0\"",
+            &format!("address = \"127.0.0.1:{port}\""),
+        )
+        .replace("path = \"decisions.log\"", "path = \"decisions-cli.log\"");
+    let config = d.layout.dir.join("cli.toml");
+    std::fs::write(&config, text)?;
+    let mut child = std::process::Command::new(bin)
+        .args(["proxy", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let listening = (|| {
+        while let Ok(line) = rx.recv_timeout(Duration::from_secs(20)) {
+            if line.contains("eastwall: listening on") {
+                return Ok(());
+            }
+        }
+        Err(anyhow!("eastwall proxy did not start listening"))
+    })();
+    if let Err(err) = listening {
+        let _ = child.kill();
+        return Err(err);
+    }
+    let mut pg = eastwall_e2e::pg_config("localhost", port, "billing", "postgres");
+    pg.ssl_mode(tokio_postgres::config::SslMode::Require);
+    let (client, connection) = eastwall_e2e::connect_watching(&pg, d.tls_for("billing")?).await?;
+    client.simple_query("select 1").await?;
+
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
+    assert!(sent.success());
+    let status = tokio::task::spawn_blocking(move || {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > until {
+                let _ = child.kill();
+                return Err(anyhow!(
+                    "eastwall proxy did not exit within 10 s of SIGTERM"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await??;
+    assert!(status.success(), "{status:?}");
+    let ends: Vec<Value> = read_decisions(&d.layout.dir.join("decisions-cli.log"))?
+        .into_iter()
+        .filter(|l| l["event"] == "session_end")
+        .collect();
+    assert_eq!(ends.len(), 1, "{ends:#?}");
+    assert_eq!(ends[0]["reason"], "shutdown");
+    let ended = timeout(Duration::from_secs(5), connection)
+        .await
+        .context("the client was not told")??;
+    let err = ended.expect_err("the proxy ended the session");
+    let db = err
+        .as_db_error()
+        .ok_or_else(|| anyhow!("a dropped connection, not an ErrorResponse: {err}"))?;
+    assert_eq!(db.code().code(), "57P01", "{db:?}");
+    Ok(())
+}
+
 /// The race psql sometimes loses, made certain: Terminate, then wait for the server to close,
 /// and only then the TLS close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
