@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use crate::audit::{AuditError, AuditLog, Entry};
 use crate::cancel::CancelRegistry;
 use crate::mfa::{self, SecretStore, TokenKey, Verifier};
+use crate::relay::{EndReason, END_GRACE};
 use crate::session::{self, CertUsage};
 use crate::tls::{ReloadingServerConfig, ServerTlsFiles, TlsError};
 use crate::upstream::Upstream;
@@ -23,6 +24,9 @@ use crate::upstream::Upstream;
 const RELOAD_EVERY: Duration = Duration::from_secs(2);
 /// How often rate-limiter state for quiet sources is dropped.
 const CLEANUP_EVERY: Duration = Duration::from_secs(30);
+/// How long a shutdown waits for live sessions to log their end: the grace, then the
+/// CancelRequest each sends (bounded by the grace too), and a margin for the log's fsync.
+const SHUTDOWN_WAIT: Duration = Duration::from_millis(2 * END_GRACE.as_millis() as u64 + 1000);
 
 /// Why the sidecar could not start; each says what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +64,55 @@ pub struct Sidecar {
     /// Serials the verified CRLs revoke, re-sent on every reload: live sessions watch it and
     /// end when their certificate appears (new handshakes are refused by the TLS verifier).
     pub revoked: watch::Sender<Arc<std::collections::HashSet<String>>>,
+    /// "End every live session, for this reason": set once (shutdown); every relay's stop
+    /// input listens to it beside its own causes.
+    pub end_all: watch::Sender<Option<EndReason>>,
+    /// Admitted sessions that have not written their session_end line yet.
+    pub live: LiveSessions,
+}
+
+/// Counts admitted sessions until their session_end line is written, so a shutdown can
+/// wait for those lines.
+pub struct LiveSessions {
+    count: watch::Sender<usize>,
+}
+
+impl Default for LiveSessions {
+    fn default() -> Self {
+        Self {
+            count: watch::channel(0).0,
+        }
+    }
+}
+
+impl LiveSessions {
+    /// Counts one session until the guard is dropped.
+    pub fn enter(&self) -> LiveSession<'_> {
+        self.count.send_modify(|n| *n += 1);
+        LiveSession(self)
+    }
+
+    pub fn count(&self) -> usize {
+        *self.count.borrow()
+    }
+
+    /// Waits until no session is live, at most `within`; whether they all ended.
+    pub async fn all_ended(&self, within: Duration) -> bool {
+        let mut count = self.count.subscribe();
+        let ended = tokio::time::timeout(within, count.wait_for(|n| *n == 0))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        ended
+    }
+}
+
+/// One live session (see [`LiveSessions::enter`]).
+pub struct LiveSession<'a>(&'a LiveSessions);
+
+impl Drop for LiveSession<'_> {
+    fn drop(&mut self) {
+        self.0.count.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 /// Connections per source that have not been admitted yet (TLS, startup, MFA in progress).
@@ -147,6 +200,12 @@ impl Sidecar {
             tracing::error!(%err, "decision log write failed");
         }
     }
+
+    /// Ends every live session (and any admitted from now on) for `reason`, each through
+    /// the relay's bounded end: FATAL 57P01, both legs closed, a session_end line.
+    pub fn end_all_sessions(&self, reason: EndReason) {
+        self.end_all.send_replace(Some(reason));
+    }
 }
 
 /// The roles `mfa(..)` rules protect on the segment this sidecar guards, counting the
@@ -173,10 +232,20 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stops accepting; sessions in flight end when their clients or servers close them.
+    /// Stops accepting, ends every live session with reason `shutdown` (the client gets
+    /// FATAL 57P01 "the sidecar is shutting down", PostgreSQL's backend is closed and
+    /// cancelled) and waits, bounded, for their session_end lines. Connections still
+    /// starting up are dropped with the runtime.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.accept_task.await;
+        self.sidecar.end_all_sessions(EndReason::Shutdown);
+        if !self.sidecar.live.all_ended(SHUTDOWN_WAIT).await {
+            tracing::warn!(
+                sessions = self.sidecar.live.count(),
+                "shutdown: some sessions did not log their end in time"
+            );
+        }
     }
 }
 
@@ -219,6 +288,8 @@ pub async fn prepare(config: Config) -> Result<Sidecar, StartError> {
         cert_usage: Arc::new(CertUsage::default()),
         mfa_roles: protected,
         revoked,
+        end_all: watch::channel(None).0,
+        live: LiveSessions::default(),
     })
 }
 
@@ -425,6 +496,25 @@ fn spawn_stepup(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_shutdown_waits_for_live_sessions_and_no_longer() {
+        let live = LiveSessions::default();
+        assert!(live.all_ended(Duration::from_millis(10)).await);
+        let first = live.enter();
+        let second = live.enter();
+        assert_eq!(live.count(), 2);
+        assert!(!live.all_ended(Duration::from_millis(50)).await, "bounded");
+        drop(first);
+        let waiting = live.all_ended(Duration::from_secs(5));
+        let ending = async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(second);
+        };
+        let (ended, ()) = tokio::join!(waiting, ending);
+        assert!(ended);
+        assert_eq!(live.count(), 0);
+    }
 
     #[test]
     fn startup_slots_cap_each_source_and_come_back() {

@@ -418,44 +418,25 @@ async fn admit_and_relay(
     drop(out);
 
     drop(startup_slot);
+    // Counted until the session_end line is written: a shutdown waits for it.
+    let _live = sidecar.live.enter();
     let admitted = Instant::now();
     // Operators' sessions rest on an MFA assertion that ages; max_session bounds how long.
     let max_session = decision
         .mfa_group
         .as_ref()
         .and(sidecar.settings.mfa.max_session);
-    let deadline = max_session.map(|d| tokio::time::Instant::now() + d);
     let limits = relay::RelayLimits {
-        deadline,
+        deadline: max_session.map(|d| tokio::time::Instant::now() + d),
         idle: sidecar.settings.limits.idle_timeout,
+        ..relay::RelayLimits::default()
     };
-    // A revocation ends the session too, not just the next handshake. Without a CRL nothing
-    // can be revoked, and the relay is spared the boundary tracking and the extra poll.
-    let revoked = sidecar
-        .settings
-        .listen
-        .crl
-        .is_some()
-        .then(|| revocation_of(&sidecar, identity.serial_hex.clone()));
-    let outcome = relay::relay(&mut tls, &mut session.stream, limits, revoked).await;
+    let stop = stop_signal(&sidecar, &identity.serial_hex);
+    let mut outcome = relay::relay(&mut tls, &mut session.stream, limits, Some(stop)).await;
     drop(cancel);
-    let ended_by_us = match (&outcome.end, max_session, limits.idle) {
-        (relay::RelayEnd::Deadline, Some(limit), _) => Some(format!(
-            "terminating connection: the MFA session of {id_text} reached max_session ({}); reconnect and step up again (connection {conn_id})",
-            humantime::format_duration(limit)
-        )),
-        (relay::RelayEnd::Idle, _, Some(idle)) => Some(format!(
-            "terminating connection: idle for {} (connection {conn_id})",
-            humantime::format_duration(idle)
-        )),
-        (relay::RelayEnd::Stopped, _, _) => Some(format!(
-            "terminating connection: the certificate of {id_text} was revoked (connection {conn_id})"
-        )),
-        _ => None,
-    };
-    if let Some(message) = ended_by_us {
-        let _ = terminate(&mut session.stream).await;
-        send_fatal(&mut tls, "57P01", &message).await;
+    if let relay::RelayEnd::Ended(ending) = &mut outcome.end {
+        let message = farewell(ending.reason, &id_text, &conn_id, max_session, limits.idle);
+        close_ended(&sidecar, tls, session, ending, &message).await;
     }
 
     let mut end = sidecar.entry(&conn_id, peer, "session_end");
@@ -483,22 +464,116 @@ async fn admit_and_relay(
     }
 }
 
-/// Completes when the serial appears among the revoked ones the sidecar broadcasts.
-fn revocation_of(
-    sidecar: &Sidecar,
-    serial: String,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
-    let mut revocations = sidecar.revoked.subscribe();
+/// What ends this session besides its client and server: a revocation of its certificate
+/// (only with a CRL configured: without one nothing can be revoked), or an end the sidecar
+/// broadcasts to every session (shutdown). Further causes join the `select!`.
+fn stop_signal(sidecar: &Sidecar, serial: &str) -> relay::StopSignal<'static> {
+    let mut all = sidecar.end_all.subscribe();
+    let revocations = sidecar
+        .settings
+        .listen
+        .crl
+        .is_some()
+        .then(|| (sidecar.revoked.subscribe(), serial.to_owned()));
     Box::pin(async move {
-        loop {
-            if revocations.borrow_and_update().contains(&serial) {
-                return;
+        let everyone = async {
+            loop {
+                if let Some(reason) = *all.borrow_and_update() {
+                    return reason;
+                }
+                if all.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
             }
-            if revocations.changed().await.is_err() {
-                std::future::pending::<()>().await;
+        };
+        let revoked = async {
+            let Some((mut revocations, serial)) = revocations else {
+                return std::future::pending().await;
+            };
+            loop {
+                if revocations.borrow_and_update().contains(&serial) {
+                    return;
+                }
+                if revocations.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
             }
+        };
+        // Biased: polled on every wake-up of the relay, so no per-poll random draw.
+        tokio::select! {
+            biased;
+            reason = everyone => reason,
+            () = revoked => relay::EndReason::Revoked,
         }
     })
+}
+
+/// The FATAL's message for an end Eastwall decided.
+fn farewell(
+    reason: relay::EndReason,
+    id_text: &str,
+    conn_id: &str,
+    max_session: Option<std::time::Duration>,
+    idle: Option<std::time::Duration>,
+) -> String {
+    let show = |d: Option<std::time::Duration>| {
+        d.map(|d| humantime::format_duration(d).to_string())
+            .unwrap_or_default()
+    };
+    let why = match reason {
+        relay::EndReason::Revoked => format!("the certificate of {id_text} was revoked"),
+        relay::EndReason::MaxSession => format!(
+            "the MFA session of {id_text} reached max_session ({}); reconnect and step up again",
+            show(max_session)
+        ),
+        relay::EndReason::Idle => format!("idle for {}", show(idle)),
+        relay::EndReason::Shutdown => "the sidecar is shutting down".to_owned(),
+    };
+    format!("terminating connection: {why} (connection {conn_id})")
+}
+
+/// Closes both legs of a session Eastwall ended. PostgreSQL first: Terminate if it can be
+/// written at once and lands on a message boundary, then the socket is closed (a backend
+/// blocked writing to us fails at once) and a CancelRequest stops a backend busy in a
+/// query. Meanwhile the client gets the rest of its last message and FATAL 57P01, until the
+/// grace runs out; then its connection is closed too.
+async fn close_ended(
+    sidecar: &Sidecar,
+    tls: TlsStream<TcpStream>,
+    session: crate::upstream::UpstreamSession,
+    ending: &mut relay::Ending,
+    message: &str,
+) {
+    use futures_util::FutureExt;
+    let crate::upstream::UpstreamSession {
+        mut stream,
+        backend_pid,
+        backend_key,
+        ..
+    } = session;
+    if ending.upstream_at_boundary {
+        // Never waited for: a backend that stopped reading must not delay the close.
+        let _ = terminate(&mut stream).now_or_never();
+    }
+    drop(stream);
+    let cancel = tokio::time::timeout(
+        relay::END_GRACE,
+        sidecar.upstream.cancel(backend_pid, &backend_key),
+    );
+    let mut fatal = BytesMut::new();
+    codec::put_error(&mut fatal, Severity::Fatal, "57P01", message, None);
+    let tell = async move {
+        let mut tls = tls;
+        ending.finish(&mut tls, &fatal).await
+        // The client's connection is closed here, delivered or not.
+    };
+    let (cancelled, _) = tokio::join!(cancel, tell);
+    if !matches!(cancelled, Ok(Ok(()))) {
+        tracing::warn!(
+            backend_pid,
+            "could not cancel the backend of an ended session"
+        );
+    }
 }
 
 fn decide(

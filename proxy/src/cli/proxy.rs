@@ -1,4 +1,7 @@
-//! `eastwall proxy --config FILE`: runs the sidecar until SIGINT or SIGTERM.
+//! `eastwall proxy --config FILE`: runs the sidecar until SIGINT or SIGTERM. Then every live
+//! session is ended (FATAL 57P01 "the sidecar is shutting down", reason `shutdown` in its
+//! session_end line) and the process waits, bounded, for those lines; a second signal
+//! exits at once.
 
 use std::path::PathBuf;
 
@@ -30,8 +33,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ));
         }
         wait_for_signal().await?;
-        say("eastwall: shutting down");
-        running.shutdown().await;
+        say("eastwall: shutting down; ending live sessions");
+        tokio::select! {
+            () = running.shutdown() => {}
+            r = wait_for_signal() => {
+                r?;
+                say("eastwall: second signal; exiting without waiting for sessions");
+            }
+        }
         Ok(())
     })
 }
