@@ -1,4 +1,4 @@
-//! `eastwall proxy --config FILE`: runs the sidecar until SIGINT or SIGTERM.
+//! `eastwall proxy --config FILE`: runs the sidecar until SIGINT or SIGTERM; SIGHUP reopens the decision log.
 
 use std::path::PathBuf;
 
@@ -29,6 +29,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "eastwall: step-up endpoint on https://{addr}/v1/stepup"
             ));
         }
+        reopen_log_on_sighup(running.sidecar.clone())?;
         wait_for_signal().await?;
         say("eastwall: shutting down");
         running.shutdown().await;
@@ -49,6 +50,22 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         r = tokio::signal::ctrl_c() => r.context("cannot watch SIGINT")?,
         _ = term.recv() => {}
     }
+    Ok(())
+}
+
+/// SIGHUP (log rotation) reopens the decision log at its configured path; without a
+/// handler SIGHUP would end the process.
+fn reopen_log_on_sighup(sidecar: std::sync::Arc<crate::server::Sidecar>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match sidecar.audit.reopen().await {
+                Ok(()) => tracing::info!("SIGHUP: decision log reopened"),
+                Err(err) => tracing::error!(%err, "SIGHUP: cannot reopen the decision log"),
+            }
+        }
+    });
     Ok(())
 }
 
