@@ -92,7 +92,12 @@ pub async fn serve(
     let _ = tcp.set_nodelay(true);
     let started = Instant::now();
     let deadline = sidecar.settings.limits.startup_timeout;
-    let handshake_timeout = sidecar.settings.limits.handshake_timeout;
+    // A handshake timeout that is not shorter than the startup timeout leaves the startup
+    // timeout in charge (and its reason in the log).
+    let handshake_timeout = match sidecar.settings.limits.handshake_timeout {
+        t if t < deadline => t,
+        _ => deadline + std::time::Duration::from_secs(1),
+    };
 
     let front = tokio::time::timeout(
         deadline,

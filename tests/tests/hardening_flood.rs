@@ -197,3 +197,142 @@ async fn on_a_dual_stack_listener_each_ipv4_source_has_its_own_budget() -> anyho
     drop(held);
     Ok(())
 }
+
+/// Ends the spawned proxy with the test, whatever happens.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn wait_for(what: &str, mut check: impl FnMut() -> bool) -> anyhow::Result<()> {
+    for _ in 0..200 {
+        if check() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("{what}: not within 10 s")
+}
+
+#[tokio::test]
+async fn sighup_after_mv_writes_a_new_file_that_continues_the_chain() -> anyhow::Result<()> {
+    let cluster = eastwall_e2e::pg().start()?;
+    cluster.run_sql("CREATE ROLE billing LOGIN")?;
+    let tmp = tempfile::tempdir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut qs = eastwall::quickstart::Options::new(
+        tmp.path().join("sidecar"),
+        format!("127.0.0.1:{}", cluster.port()),
+    );
+    qs.listen = SocketAddr::from(([127, 0, 0, 1], port));
+    qs.stepup_listen = None;
+    let layout = eastwall::quickstart::quickstart(&qs)?;
+    let stderr_path = tmp.path().join("proxy.stderr");
+    let proxy = Child(
+        std::process::Command::new(eastwall_e2e::eastwall_bin()?)
+            .args(["proxy", "--config"])
+            .arg(&layout.config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path)?)
+            .spawn()?,
+    );
+    let stderr = || std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    wait_for("eastwall proxy listening", || {
+        stderr().contains("eastwall: listening on")
+    })
+    .await?;
+
+    let billing = layout.identity("billing").expect("a billing identity");
+    let tls = eastwall_e2e::client_config(
+        &std::fs::read_to_string(&layout.ca_cert)?,
+        Some((
+            &std::fs::read_to_string(&billing.cert)?,
+            &std::fs::read_to_string(&billing.key)?,
+        )),
+    )?;
+    let connect =
+        || eastwall_e2e::connect_tls("localhost", port, "billing", "postgres", tls.clone());
+    connect().await?.simple_query("select 1").await?;
+
+    let log = layout.dir.join("decisions.log");
+    let old = layout.dir.join("decisions.log.1");
+    std::fs::rename(&log, &old)?;
+    let pid = i32::try_from(proxy.0.id())?;
+    // SAFETY: kill(2) on the child we spawned.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    wait_for("a new decision log after SIGHUP", || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("\"log_reopened\""))
+    })
+    .await?;
+    // The proxy is still running and writes the next session to the new file.
+    connect().await?.simple_query("select 2").await?;
+    wait_for("billing's connect line in the new file", || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("\"allow\""))
+    })
+    .await?;
+
+    let old_lines = eastwall_e2e::sidecar::read_decisions(&old)?;
+    assert!(
+        old_lines.iter().any(|l| l["decision"] == "allow"),
+        "the first session stayed in the rotated file"
+    );
+    let old_report = eastwall::audit::verify(&old)?;
+    let new_report = eastwall::audit::verify(&log)?;
+    assert_eq!(
+        new_report.first_prev, old_report.last_hash,
+        "the new file's first line chains to the old file's last hash"
+    );
+    let verify = std::process::Command::new(eastwall_e2e::eastwall_bin()?)
+        .args(["audit", "verify"])
+        .arg(&old)
+        .arg(&log)
+        .output()?;
+    let out = String::from_utf8_lossy(&verify.stdout);
+    assert!(
+        verify.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    assert!(out.contains("chain intact"), "{out}");
+    // Given the wrong way round, the join is refused.
+    let swapped = std::process::Command::new(eastwall_e2e::eastwall_bin()?)
+        .args(["audit", "verify"])
+        .arg(&log)
+        .arg(&old)
+        .output()?;
+    assert!(!swapped.status.success(), "files out of order must fail");
+    drop(proxy);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_silent_connection_is_closed_at_the_handshake_timeout_not_the_startup_timeout(
+) -> anyhow::Result<()> {
+    let d = Deployment::start(SidecarOptions {
+        edit_config: Some(Box::new(|text: &mut String| {
+            text.push_str("\n[limits]\nstartup_timeout = \"60s\"\nhandshake_timeout = \"1s\"\n");
+        })),
+        ..SidecarOptions::default()
+    })
+    .await?;
+    // Says SSLRequest, gets 'S', then never starts TLS.
+    let mut sock = tcp(&d).await?;
+    assert_eq!(ssl_answer(&mut sock).await?, Some(b'S'));
+    let rest = read_to_close(&mut sock, Duration::from_secs(10)).await?;
+    assert!(rest.is_empty(), "closed without a word: {rest:?}");
+    let line = d
+        .wait_for_decision(|l| l["reason"] == "handshake_timeout")
+        .await?;
+    assert_eq!(line["decision"], "deny");
+    d.connect("billing", "billing")
+        .await?
+        .simple_query("select 1")
+        .await?;
+    Ok(())
+}
