@@ -79,7 +79,7 @@ impl From<CodecError> for Refusal {
 
 /// What the client did before (or instead of) a finished TLS handshake.
 enum Secured {
-    Tls(TlsStream<TcpStream>, bool),
+    Tls(Box<TlsStream<TcpStream>>, bool),
     Done(FrontDoor),
 }
 
@@ -106,7 +106,7 @@ pub async fn negotiate<G>(
             ),
         )),
         Ok(Secured::Done(front)) => front,
-        Ok(Secured::Tls(stream, direct_tls)) => read_startup_in_tls(stream, direct_tls).await,
+        Ok(Secured::Tls(stream, direct_tls)) => read_startup_in_tls(*stream, direct_tls).await,
     }
 }
 
@@ -129,7 +129,7 @@ async fn secure(mut tcp: TcpStream, tls: Arc<ServerConfig>) -> Secured {
                 "direct TLS connection without ALPN \"postgresql\"",
             )));
         }
-        return Secured::Tls(stream, true);
+        return Secured::Tls(Box::new(stream), true);
     }
 
     let mut gss_refused = false;
@@ -163,7 +163,7 @@ async fn secure(mut tcp: TcpStream, tls: Arc<ServerConfig>) -> Secured {
                     return Done(FrontDoor::Gone);
                 }
                 return match accept_tls(tcp, tls).await {
-                    Ok(stream) => Secured::Tls(stream, false),
+                    Ok(stream) => Secured::Tls(Box::new(stream), false),
                     Err(refusal) => Done(FrontDoor::Refused(refusal)),
                 };
             }
