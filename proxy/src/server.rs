@@ -1,14 +1,14 @@
 //! The running sidecar: what every connection shares, the accept loop, periodic upkeep
 //! (CRL reload, limiter cleanup), the step-up endpoint, and a clean shutdown.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use eastwall_config::{Config, Policy, Settings};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::audit::{AuditError, AuditLog, Entry};
@@ -84,7 +84,14 @@ pub struct StartupSlots {
 #[derive(Default)]
 struct SlotCounts {
     total: usize,
-    by_source: HashMap<IpAddr, usize>,
+    /// Each source's slots, oldest first.
+    by_source: HashMap<IpAddr, VecDeque<Held>>,
+    next_id: u64,
+}
+
+struct Held {
+    id: u64,
+    evict: Arc<Notify>,
 }
 
 /// Which part of a budget was full.
@@ -111,20 +118,58 @@ impl StartupSlots {
 
     /// A slot for a new connection from `source`, or which budget is full.
     pub fn try_acquire(self: &Arc<Self>, source: IpAddr) -> Result<StartupSlot, BudgetFull> {
+        self.acquire(source, false)
+    }
+
+    /// As [`Self::try_acquire`], but when the global budget is full and some source holds at
+    /// least two slots more than `source`, that source's oldest slot is evicted (its
+    /// connection is told through [`StartupSlot::eviction`]) to make room. So hosts holding
+    /// many slots cannot keep a host with few out; only as many distinct sources as there
+    /// are slots can fill the budget.
+    pub fn try_acquire_fair(self: &Arc<Self>, source: IpAddr) -> Result<StartupSlot, BudgetFull> {
+        self.acquire(source, true)
+    }
+
+    fn acquire(self: &Arc<Self>, source: IpAddr, evict: bool) -> Result<StartupSlot, BudgetFull> {
         let key = crate::source::limiter_key(source);
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let held = counts.by_source.get(&key).copied().unwrap_or(0);
+        let held = counts.by_source.get(&key).map_or(0, VecDeque::len);
         if held >= self.per_source {
             return Err(BudgetFull::Source);
         }
         if counts.total >= self.global {
-            return Err(BudgetFull::Global);
+            let largest = counts
+                .by_source
+                .iter()
+                .max_by_key(|(_, slots)| slots.len())
+                .map(|(k, slots)| (*k, slots.len()));
+            match largest {
+                Some((victim, n)) if evict && n > held + 1 => {
+                    if let Some(oldest) = counts
+                        .by_source
+                        .get_mut(&victim)
+                        .and_then(VecDeque::pop_front)
+                    {
+                        oldest.evict.notify_one();
+                        counts.total = counts.total.saturating_sub(1);
+                    }
+                }
+                _ => return Err(BudgetFull::Global),
+            }
         }
         counts.total += 1;
-        counts.by_source.insert(key, held + 1);
+        counts.next_id += 1;
+        let id = counts.next_id;
+        let evict = Arc::new(Notify::new());
+        counts.by_source.entry(key).or_default().push_back(Held {
+            id,
+            evict: evict.clone(),
+        });
         Ok(StartupSlot {
             slots: self.clone(),
             key,
+            id,
+            evict,
         })
     }
 
@@ -138,18 +183,33 @@ impl StartupSlots {
 pub struct StartupSlot {
     slots: Arc<StartupSlots>,
     key: IpAddr,
+    id: u64,
+    evict: Arc<Notify>,
+}
+
+impl StartupSlot {
+    /// Notified when the slot was taken away for a source with fewer slots; the connection
+    /// should then close.
+    pub fn eviction(&self) -> Arc<Notify> {
+        self.evict.clone()
+    }
 }
 
 impl Drop for StartupSlot {
     fn drop(&mut self) {
         let mut counts = self.slots.counts.lock().unwrap_or_else(|p| p.into_inner());
-        counts.total = counts.total.saturating_sub(1);
-        if let Some(count) = counts.by_source.get_mut(&self.key) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                counts.by_source.remove(&self.key);
-            }
+        let Some(slots) = counts.by_source.get_mut(&self.key) else {
+            return;
+        };
+        // An evicted slot was already taken out (and uncounted) when it was evicted.
+        let Some(at) = slots.iter().position(|h| h.id == self.id) else {
+            return;
+        };
+        slots.remove(at);
+        if slots.is_empty() {
+            counts.by_source.remove(&self.key);
         }
+        counts.total = counts.total.saturating_sub(1);
     }
 }
 
@@ -421,7 +481,7 @@ async fn accept_loop(
         };
         // Not yet through TLS: the smaller handshake budget, so silent or slow handshakes
         // can hold at most `max_handshakes` of `max_connections`.
-        let handshake = match sidecar.handshake_slots.try_acquire(peer.ip()) {
+        let handshake = match sidecar.handshake_slots.try_acquire_fair(peer.ip()) {
             Ok(handshake) => handshake,
             Err(full) => {
                 let (reason, what) = match full {
@@ -657,6 +717,71 @@ mod tests {
         assert!(slots
             .try_acquire("::ffff:127.0.0.3".parse().unwrap())
             .is_ok());
+    }
+
+    #[test]
+    fn unauthenticated_lines_cap_client_strings_and_say_so() {
+        let mut entry = Entry {
+            db_user: Some("u".repeat(1024)),
+            database: Some("é".repeat(512)),
+            reason: "no_tls".into(),
+            ..Entry::default()
+        };
+        entry.extra.insert("detail".into(), "d".repeat(100).into());
+        cap_unauthenticated(&mut entry);
+        assert_eq!(entry.db_user.as_deref().map(str::len), Some(64));
+        assert_eq!(entry.database.as_deref().map(str::len), Some(64));
+        assert_eq!(entry.extra["detail"].as_str().map(str::len), Some(64));
+        assert_eq!(entry.extra["truncated"], true);
+        assert_eq!(entry.reason, "no_tls", "our own reason is not touched");
+
+        let mut short = Entry {
+            db_user: Some("billing".into()),
+            ..Entry::default()
+        };
+        cap_unauthenticated(&mut short);
+        assert!(!short.extra.contains_key("truncated"));
+    }
+
+    #[test]
+    fn a_full_fair_budget_evicts_the_oldest_slot_of_the_largest_holder() {
+        let slots = StartupSlots::bounded(4, 3);
+        let flood: Vec<StartupSlot> = (0..3)
+            .map(|_| {
+                slots
+                    .try_acquire_fair("127.0.0.2".parse().unwrap())
+                    .unwrap()
+            })
+            .collect();
+        let _other = slots
+            .try_acquire_fair("127.0.0.3".parse().unwrap())
+            .unwrap();
+        assert_eq!(slots.in_use(), 4);
+        let eviction = flood[0].eviction();
+        let newcomer = slots
+            .try_acquire_fair("127.0.0.4".parse().unwrap())
+            .expect("room made for a source with none");
+        assert_eq!(slots.in_use(), 4, "one out, one in");
+        // The oldest of the flood was told (a permit is stored even before anyone waits).
+        assert!(futures_util::FutureExt::now_or_never(eviction.notified()).is_some());
+        // A source only one slot behind the largest holder does not evict.
+        assert_eq!(
+            slots.try_acquire_fair("127.0.0.3".parse().unwrap()).err(),
+            Some(BudgetFull::Global)
+        );
+        // Another newcomer does: the flood is down to one.
+        let _fifth = slots
+            .try_acquire_fair("127.0.0.5".parse().unwrap())
+            .unwrap();
+        assert!(futures_util::FutureExt::now_or_never(flood[1].eviction().notified()).is_some());
+        assert!(futures_util::FutureExt::now_or_never(flood[2].eviction().notified()).is_none());
+        // The plain (unfair) budget never evicts.
+        let plain = StartupSlots::bounded(1, 1);
+        let _a = plain.try_acquire("127.0.0.2".parse().unwrap()).unwrap();
+        assert!(plain.try_acquire("127.0.0.3".parse().unwrap()).is_err());
+        drop(flood);
+        drop(newcomer);
+        assert_eq!(slots.in_use(), 2, "evicted slots are not counted twice");
     }
 
     #[test]

@@ -99,10 +99,17 @@ pub async fn serve(
         _ => deadline + std::time::Duration::from_secs(1),
     };
 
-    let front = tokio::time::timeout(
-        deadline,
-        startup::negotiate(tcp, sidecar.tls.get(), handshake_timeout, handshake),
-    )
+    // A full handshake budget can take this connection's slot for a source holding fewer.
+    let evicted = handshake.eviction();
+    let front = tokio::time::timeout(deadline, async {
+        tokio::select! {
+            front = startup::negotiate(tcp, sidecar.tls.get(), handshake_timeout, handshake) => front,
+            _ = evicted.notified() => FrontDoor::Refused(startup::Refusal {
+                reason: "handshake_evicted",
+                detail: "handshake budget full: this source's oldest handshake made room for another source".into(),
+            }),
+        }
+    })
     .await;
     let front = match front {
         Ok(front) => front,

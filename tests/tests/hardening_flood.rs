@@ -336,3 +336,35 @@ async fn a_silent_connection_is_closed_at_the_handshake_timeout_not_the_startup_
         .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_full_handshake_budget_makes_room_for_a_source_holding_none() -> anyhow::Result<()> {
+    // A small budget two attacker hosts can fill on their own: 2 x 8 = max_handshakes.
+    let d = Deployment::start(SidecarOptions {
+        edit_config: Some(Box::new(|text: &mut String| {
+            text.push_str(
+                "\n[limits]\nmax_handshakes = 16\nmax_handshakes_per_source = 8\nhandshake_timeout = \"20s\"\n",
+            );
+        })),
+        ..SidecarOptions::default()
+    })
+    .await?;
+    let mut held = Vec::new();
+    for source in ["127.0.0.2", "127.0.0.3"] {
+        for _ in 0..8 {
+            held.push(connect_from(source, d.addr()).await?);
+        }
+    }
+    // Both hosts are at their cap, and the budget is full...
+    let mut probe = connect_from("127.0.0.2", d.addr()).await?;
+    assert_eq!(ssl_answer(&mut probe).await?, None, "127.0.0.2 is capped");
+    // ...yet billing, from a host holding no handshake, is admitted and queries.
+    let billing = d.connect("billing", "billing").await?;
+    billing.simple_query("select 1").await?;
+    let line = d
+        .wait_for_decision(|l| l["reason"] == "handshake_evicted")
+        .await?;
+    assert_eq!(line["decision"], "deny");
+    drop(held);
+    Ok(())
+}
