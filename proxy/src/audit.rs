@@ -117,7 +117,8 @@ const HASH_SEP: &str = ",\"hash\":\"";
 pub struct Entry {
     pub conn_id: String,
     /// `connect`, `session_end`, `cancel`, `mfa_challenge`, `mfa_success`, `mfa_failure`,
-    /// `mfa_lockout`, `stepup`, ...
+    /// `mfa_lockout`, `stepup`, `refusals_summary` (counted unauthenticated refusals, see
+    /// `crate::refusals`), `log_reopened` (rotation), `low_disk_space`, ...
     pub event: &'static str,
     /// `allow`, `deny` or `challenge`; None only for events that carry no decision.
     pub decision: Option<&'static str>,

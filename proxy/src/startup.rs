@@ -2,6 +2,9 @@
 //! GSSENCRequest, PG17 direct TLS, CancelRequest and the StartupMessage — and the TLS
 //! handshake in between.
 //!
+//! Everything before a finished TLS handshake is bounded by `[limits] handshake_timeout`
+//! and holds a slot of the smaller handshake budget only until then (see [`negotiate`]).
+//!
 //! Plaintext is read with exact-length reads from the raw socket, so no byte the client sent
 //! after its SSLRequest can be mistaken for part of the encrypted session (CVE-2021-23214).
 
