@@ -61,7 +61,7 @@
 //! handshake_timeout = "5s"        # default 5s: from accept to a finished TLS handshake
 //! max_handshakes = 250            # default max_connections / 4: connections not yet through
 //!                                 # TLS, all sources together (at most max_connections)
-//! max_handshakes_per_source = 8   # default 8 such connections per source address
+//! max_handshakes_per_source = 32  # default 32 such connections per source address
 //! idle_timeout = "1h"             # optional: close sessions idle this long
 //! ```
 //!
@@ -650,7 +650,7 @@ impl Settings {
             max_handshakes_per_source: c.int(
                 "limits.max_handshakes_per_source",
                 l.and_then(|l| l.max_handshakes_per_source.as_ref()),
-                8usize,
+                32usize,
                 1,
                 1_000_000,
             ),

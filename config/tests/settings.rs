@@ -87,7 +87,7 @@ fn defaults_are_the_documented_ones() {
     assert_eq!(s.limits.idle_timeout, None);
     assert_eq!(s.limits.handshake_timeout, Duration::from_secs(5));
     assert_eq!(s.limits.max_handshakes, 250);
-    assert_eq!(s.limits.max_handshakes_per_source, 8);
+    assert_eq!(s.limits.max_handshakes_per_source, 32);
     assert_eq!(s.upstream.connect_timeout, Duration::from_secs(5));
     assert!(!s.upstream.allow_plaintext_remote);
     assert_eq!(s.policy_file, PathBuf::from("/etc/eastwall/policy.ew"));

@@ -142,7 +142,8 @@ async fn a_thousand_silent_connections_from_16_sources_leave_billing_served() ->
     ensure_open_files(2 * SILENT_CONNECTIONS as u64 + 512)?;
     let d = Deployment::start(SidecarOptions::default()).await?;
     let held = silent_flood(d.addr(), SILENT_CONNECTIONS).await?;
-    // Every attacker source has used its budget: one more from each is closed unanswered.
+    // The flood is in place: one more from each attacker is closed unanswered (its source
+    // budget, or the shared handshake budget, is full).
     for i in 0..ATTACKER_SOURCES {
         let mut probe = connect_from(&attacker(i), d.addr()).await?;
         assert_eq!(
