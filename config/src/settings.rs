@@ -58,6 +58,10 @@
 //! cancels_per_second = 10         # default 10 cancel requests per source address
 //! max_startups_per_source = 64    # default 64 connections per source address still in the
 //!                                 # front door (TLS, startup, MFA); admitted sessions don't count
+//! handshake_timeout = "5s"        # default 5s: from accept to a finished TLS handshake
+//! max_handshakes = 250            # default max_connections / 4: connections not yet through
+//!                                 # TLS, all sources together (at most max_connections)
+//! max_handshakes_per_source = 32  # default 32 such connections per source address
 //! idle_timeout = "1h"             # optional: close sessions idle this long
 //! ```
 //!
@@ -192,6 +196,15 @@ pub struct Limits {
     /// Connections one source address (IPv6: one /64) may have before admission, so that one
     /// host holding connections open cannot use up `max_connections` for everyone.
     pub max_startups_per_source: usize,
+    /// Time from accept until the TLS handshake is done (plaintext negotiation included);
+    /// short, and separate from `startup_timeout`, which also covers answering an MFA prompt.
+    pub handshake_timeout: Duration,
+    /// Connections that have not finished TLS, all sources together: a smaller budget inside
+    /// `max_connections`, so silent or slow handshakes cannot starve admitted sessions or
+    /// clients in the middle of logging in.
+    pub max_handshakes: usize,
+    /// Connections that have not finished TLS from one source (see `eastwall::source`).
+    pub max_handshakes_per_source: usize,
     pub idle_timeout: Option<Duration>,
 }
 
@@ -278,6 +291,9 @@ struct RawLimits {
     max_connections: Option<Spanned<i64>>,
     cancels_per_second: Option<Spanned<i64>>,
     max_startups_per_source: Option<Spanned<i64>>,
+    handshake_timeout: Option<Str>,
+    max_handshakes: Option<Spanned<i64>>,
+    max_handshakes_per_source: Option<Spanned<i64>>,
     idle_timeout: Option<Str>,
 }
 
@@ -600,19 +616,21 @@ impl Settings {
             ),
         };
         let l = raw.limits.as_ref();
+        let startup_timeout = c.duration(
+            "limits.startup_timeout",
+            l.and_then(|l| l.startup_timeout.as_ref()),
+            Duration::from_secs(30),
+        );
+        let max_connections = c.int(
+            "limits.max_connections",
+            l.and_then(|l| l.max_connections.as_ref()),
+            1000usize,
+            1,
+            1_000_000,
+        );
         let limits = Limits {
-            startup_timeout: c.duration(
-                "limits.startup_timeout",
-                l.and_then(|l| l.startup_timeout.as_ref()),
-                Duration::from_secs(30),
-            ),
-            max_connections: c.int(
-                "limits.max_connections",
-                l.and_then(|l| l.max_connections.as_ref()),
-                1000usize,
-                1,
-                1_000_000,
-            ),
+            startup_timeout,
+            max_connections,
             cancels_per_second: c.int(
                 "limits.cancels_per_second",
                 l.and_then(|l| l.cancels_per_second.as_ref()),
@@ -624,6 +642,15 @@ impl Settings {
                 "limits.max_startups_per_source",
                 l.and_then(|l| l.max_startups_per_source.as_ref()),
                 64usize,
+                1,
+                1_000_000,
+            ),
+            handshake_timeout: handshake_timeout(&mut c, l, startup_timeout),
+            max_handshakes: max_handshakes(&mut c, l, max_connections),
+            max_handshakes_per_source: c.int(
+                "limits.max_handshakes_per_source",
+                l.and_then(|l| l.max_handshakes_per_source.as_ref()),
+                32usize,
                 1,
                 1_000_000,
             ),
@@ -653,6 +680,54 @@ impl Settings {
             }
             _ => Err(ConfigError::Many(c.problems)),
         }
+    }
+}
+
+/// `limits.handshake_timeout`: default 5 s (or `startup_timeout` when that is shorter); a
+/// value above `startup_timeout` would never fire, so it is refused.
+fn handshake_timeout(
+    c: &mut Checker<'_>,
+    l: Option<&RawLimits>,
+    startup_timeout: Duration,
+) -> Duration {
+    let raw = l.and_then(|l| l.handshake_timeout.as_ref());
+    let default = Duration::from_secs(5).min(startup_timeout);
+    let value = c.duration("limits.handshake_timeout", raw, default);
+    match raw {
+        Some(v) if value > startup_timeout => {
+            c.invalid(
+                v.span(),
+                "limits.handshake_timeout",
+                format!(
+                    "expected at most limits.startup_timeout ({}), which also bounds the handshake; found {:?}",
+                    humantime::format_duration(startup_timeout),
+                    v.get_ref()
+                ),
+            );
+            default
+        }
+        _ => value,
+    }
+}
+
+/// `limits.max_handshakes`: default a quarter of `max_connections` (at least 1); it must leave
+/// room inside `max_connections`, or silent handshakes could fill it again.
+fn max_handshakes(c: &mut Checker<'_>, l: Option<&RawLimits>, max_connections: usize) -> usize {
+    let raw = l.and_then(|l| l.max_handshakes.as_ref());
+    let default = (max_connections / 4).max(1);
+    let value = c.int("limits.max_handshakes", raw, default, 1, 1_000_000);
+    match raw {
+        Some(v) if value > max_connections => {
+            c.invalid(
+                v.span(),
+                "limits.max_handshakes",
+                format!(
+                    "expected at most limits.max_connections ({max_connections}): handshakes are a budget inside it; found {value}"
+                ),
+            );
+            default
+        }
+        _ => value,
     }
 }
 

@@ -85,6 +85,9 @@ fn defaults_are_the_documented_ones() {
     assert_eq!(s.limits.max_connections, 1000);
     assert_eq!(s.limits.cancels_per_second, 10);
     assert_eq!(s.limits.idle_timeout, None);
+    assert_eq!(s.limits.handshake_timeout, Duration::from_secs(5));
+    assert_eq!(s.limits.max_handshakes, 250);
+    assert_eq!(s.limits.max_handshakes_per_source, 32);
     assert_eq!(s.upstream.connect_timeout, Duration::from_secs(5));
     assert!(!s.upstream.allow_plaintext_remote);
     assert_eq!(s.policy_file, PathBuf::from("/etc/eastwall/policy.ew"));
@@ -279,6 +282,44 @@ fn bad_values_name_the_key_and_what_is_valid() {
         "limits.max_connections: expected a whole number from 1",
     );
     assert!(lines.len() >= 4, "all problems at once: {lines:#?}");
+}
+
+#[test]
+fn handshake_limits_are_read_and_checked_against_the_limits_they_sit_in() {
+    let s = settings(&format!(
+        "{MINIMAL}\n[limits]\nmax_connections = 40\nhandshake_timeout = \"2s\"\nmax_handshakes_per_source = 3\n"
+    ))
+    .unwrap();
+    assert_eq!(s.limits.handshake_timeout, Duration::from_secs(2));
+    assert_eq!(s.limits.max_handshakes, 10, "a quarter of max_connections");
+    assert_eq!(s.limits.max_handshakes_per_source, 3);
+    // A startup_timeout below 5 s bounds the default handshake timeout too.
+    let s = settings(&format!("{MINIMAL}\n[limits]\nstartup_timeout = \"2s\"\n")).unwrap();
+    assert_eq!(s.limits.handshake_timeout, Duration::from_secs(2));
+
+    let lines = refused(&format!(
+        "{MINIMAL}\n[limits]\nmax_connections = 10\nmax_handshakes = 11\nhandshake_timeout = \"1m\"\nmax_handshakes_per_source = 0\n"
+    ));
+    let line = has(
+        &lines,
+        "limits.max_handshakes: expected at most limits.max_connections (10)",
+    );
+    assert!(line.starts_with("/etc/eastwall/eastwall.toml:"), "{line}");
+    has(
+        &lines,
+        "limits.handshake_timeout: expected at most limits.startup_timeout (30s)",
+    );
+    has(
+        &lines,
+        "limits.max_handshakes_per_source: expected a whole number from 1",
+    );
+    let lines = refused(&format!(
+        "{MINIMAL}\n[limits]\nhandshake_timeout = \"0s\"\n"
+    ));
+    has(
+        &lines,
+        "limits.handshake_timeout: expected a duration above zero",
+    );
 }
 
 #[test]

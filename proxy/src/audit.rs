@@ -47,6 +47,19 @@
 //! fails, every entry of that batch gets the error (the proxy then refuses those clients), the
 //! file is cut back to its last good length, and the next batch tries again.
 //!
+//! # Rotation
+//!
+//! [`AuditLog::reopen`] (the proxy command calls it on SIGHUP) reopens the configured path.
+//! After `mv decisions.log decisions.log.1`, the path names a new, empty file: the writer
+//! switches to it and its first line is a `log_reopened` event with `"rotated": true`,
+//! whose `prev` is the last hash of the old file (also given as `previous_hash`), so the
+//! chain runs on across files. If the path still names the same file, the writer keeps it
+//! and the `log_reopened` line (`"rotated": false`) is just the next line of the chain.
+//! [`verify`] accepts a file whose first line has a `prev` other than [`GENESIS`] only when
+//! that line is such a rotation line, and reports where it continues from
+//! ([`VerifyReport::first_prev`]); `eastwall audit verify decisions.log.1 decisions.log`
+//! checks each file and that every file continues the one before it.
+//!
 //! Bytes after the last `\n` found when opening an existing log are a line the writer never
 //! finished (a crash mid-write); it was never acknowledged, so no client was admitted on it.
 //! [`AuditLog::open`] cuts it off, logging an error, so the chain continues cleanly.
@@ -104,7 +117,8 @@ const HASH_SEP: &str = ",\"hash\":\"";
 pub struct Entry {
     pub conn_id: String,
     /// `connect`, `session_end`, `cancel`, `mfa_challenge`, `mfa_success`, `mfa_failure`,
-    /// `mfa_lockout`, `stepup`, ...
+    /// `mfa_lockout`, `stepup`, `refusals_summary` (counted unauthenticated refusals, see
+    /// `crate::refusals`), `log_reopened` (rotation), `low_disk_space`, ...
     pub event: &'static str,
     /// `allow`, `deny` or `challenge`; None only for events that carry no decision.
     pub decision: Option<&'static str>,
@@ -152,7 +166,15 @@ struct Inner {
     fsyncs: Arc<AtomicU64>,
 }
 
-type Request = (Entry, String, oneshot::Sender<Result<(), Arc<io::Error>>>);
+type Done = oneshot::Sender<Result<(), Arc<io::Error>>>;
+
+struct Request {
+    entry: Entry,
+    ts: String,
+    done: Done,
+    /// Reopen the path first (log rotation); the entry is the `log_reopened` line.
+    reopen: bool,
+}
 
 impl AuditLog {
     /// Opens `path` for appending, creating it with mode 0600, and continues the chain from
@@ -169,6 +191,8 @@ impl AuditLog {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let fsyncs = Arc::new(AtomicU64::new(0));
         let writer = Writer {
+            path: path.to_path_buf(),
+            identity: opened.identity,
             file: opened.file,
             regular: opened.regular,
             good_len: opened.len,
@@ -195,9 +219,31 @@ impl AuditLog {
     /// Appends `entry` and returns once it is on disk. An error means the line is not in the
     /// log: the caller must refuse whatever the entry admits.
     pub async fn record(&self, entry: Entry) -> Result<(), AuditError> {
+        self.send(entry, false).await
+    }
+
+    /// Reopens the log's path (after rotation) and writes a `log_reopened` line there; see
+    /// the module doc. On an error the writer keeps the file it had.
+    pub async fn reopen(&self) -> Result<(), AuditError> {
+        let entry = Entry {
+            conn_id: crate::identity::new_conn_id(),
+            event: "log_reopened",
+            reason: "sighup".into(),
+            ..Entry::default()
+        };
+        self.send(entry, true).await
+    }
+
+    async fn send(&self, entry: Entry, reopen: bool) -> Result<(), AuditError> {
         let ts = now_rfc3339();
         let (done, wait) = oneshot::channel();
-        if self.inner.tx.send((entry, ts, done)).await.is_err() {
+        let request = Request {
+            entry,
+            ts,
+            done,
+            reopen,
+        };
+        if self.inner.tx.send(request).await.is_err() {
             return Err(self.closed());
         }
         match wait.await {
@@ -230,6 +276,8 @@ impl AuditLog {
 
 struct Opened {
     file: File,
+    /// Device and inode, to tell on reopen whether the path still names the same file.
+    identity: Option<(u64, u64)>,
     regular: bool,
     len: u64,
     prev: String,
@@ -260,6 +308,7 @@ fn open_blocking(path: &Path) -> Result<Opened, AuditError> {
     if !meta.is_file() {
         return Ok(Opened {
             file,
+            identity: Some((meta.dev(), meta.ino())),
             regular: false,
             len: 0,
             prev: GENESIS.to_owned(),
@@ -290,6 +339,7 @@ fn open_blocking(path: &Path) -> Result<Opened, AuditError> {
     };
     Ok(Opened {
         file,
+        identity: Some((meta.dev(), meta.ino())),
         regular: true,
         len: complete_len,
         prev,
@@ -347,6 +397,8 @@ fn is_hex64(s: &str) -> bool {
 }
 
 struct Writer {
+    path: PathBuf,
+    identity: Option<(u64, u64)>,
     file: File,
     regular: bool,
     /// Length of the file up to the last fully committed line.
@@ -361,19 +413,37 @@ impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Request>) {
         let mut batch: Vec<Request> = Vec::new();
         let mut buf: Vec<u8> = Vec::new();
+        // A reopen found while batching waits for the entries queued before it.
+        let mut pending: Option<Request> = None;
         // Ends when every AuditLog clone is gone and the queue is drained.
-        while let Some(first) = rx.blocking_recv() {
+        loop {
+            let first = match pending.take() {
+                Some(req) => req,
+                None => match rx.blocking_recv() {
+                    Some(req) => req,
+                    None => break,
+                },
+            };
+            if first.reopen {
+                let outcome = self.reopen_and_record(first.entry, &first.ts, &mut buf);
+                let _ = first.done.send(outcome);
+                continue;
+            }
             batch.push(first);
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
+                    Ok(req) if req.reopen => {
+                        pending = Some(req);
+                        break;
+                    }
                     Ok(req) => batch.push(req),
                     Err(_) => break,
                 }
             }
             buf.clear();
             let mut prev = self.prev.clone();
-            for (entry, ts, _) in &batch {
-                prev = encode_line(entry, ts, &prev, &mut buf);
+            for req in &batch {
+                prev = encode_line(&req.entry, &req.ts, &prev, &mut buf);
             }
             let outcome = self.commit(&buf).map_err(Arc::new);
             if outcome.is_ok() {
@@ -382,11 +452,57 @@ impl Writer {
                 tracing::error!(error = %err, entries = batch.len(),
                     "decision log write failed; refusing the connections it would admit");
             }
-            for (_, _, done) in batch.drain(..) {
+            for req in batch.drain(..) {
                 // The caller may have gone away (client hung up); nothing to tell it then.
-                let _ = done.send(outcome.clone());
+                let _ = req.done.send(outcome.clone());
             }
         }
+    }
+
+    /// Switches to the file now at the path if it is another one (rotation), then writes
+    /// the `log_reopened` line.
+    fn reopen_and_record(
+        &mut self,
+        mut entry: Entry,
+        ts: &str,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), Arc<io::Error>> {
+        let previous = self.prev.clone();
+        let now_there = std::fs::metadata(&self.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        let rotated = now_there.is_none() || now_there != self.identity;
+        if rotated {
+            let opened = open_blocking(&self.path).map_err(|err| {
+                tracing::error!(%err, "cannot reopen the decision log; still writing the old file");
+                Arc::new(io::Error::other(err.to_string()))
+            })?;
+            // A new, empty file continues this chain; a file that already has lines (not a
+            // rotation we were told about) continues its own, as at startup.
+            let continues_own = opened.regular && opened.len > 0;
+            self.prev = if continues_own {
+                opened.prev
+            } else {
+                previous.clone()
+            };
+            self.file = opened.file;
+            self.identity = opened.identity;
+            self.regular = opened.regular;
+            self.good_len = opened.len;
+            self.dirty = false;
+            tracing::info!(path = %self.path.display(), "decision log reopened");
+        }
+        entry.extra.insert("rotated".into(), Value::Bool(rotated));
+        entry
+            .extra
+            .insert("previous_hash".into(), Value::String(previous));
+        buf.clear();
+        let hash = encode_line(&entry, ts, &self.prev, buf);
+        let outcome = self.commit(buf).map_err(Arc::new);
+        if outcome.is_ok() {
+            self.prev = hash;
+        }
+        outcome
     }
 
     fn commit(&mut self, buf: &[u8]) -> io::Result<()> {
@@ -511,12 +627,80 @@ fn now_rfc3339() -> String {
         .unwrap_or_else(|_| String::from("1970-01-01T00:00:00.000000Z"))
 }
 
+/// Free space on a filesystem, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Space {
+    /// Available to this (unprivileged) process.
+    pub available: u64,
+    pub total: u64,
+}
+
+/// Free space is low below this many bytes...
+pub const LOW_SPACE_BYTES: u64 = 64 * 1024 * 1024;
+/// ...or below this fraction of the filesystem (in percent), whichever is larger.
+pub const LOW_SPACE_PERCENT: u64 = 1;
+
+/// Free space on the filesystem that holds `path` (the log file, or its folder if the file
+/// is gone).
+pub fn free_space(path: &Path) -> io::Result<Space> {
+    let stat = nix::sys::statvfs::statvfs(path)
+        .or_else(|_| nix::sys::statvfs::statvfs(path.parent().unwrap_or(Path::new("."))))
+        .map_err(io::Error::from)?;
+    let unit = stat.fragment_size() as u64;
+    Ok(Space {
+        available: (stat.blocks_available() as u64).saturating_mul(unit),
+        total: (stat.blocks() as u64).saturating_mul(unit),
+    })
+}
+
+impl Space {
+    /// Below [`LOW_SPACE_BYTES`] or [`LOW_SPACE_PERCENT`] of the total.
+    pub fn is_low(&self) -> bool {
+        let percent = self.total / 100 * LOW_SPACE_PERCENT;
+        self.available < LOW_SPACE_BYTES.max(percent)
+    }
+}
+
+/// A change worth reporting in free space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskChange {
+    Low,
+    Recovered,
+}
+
+/// Remembers whether space was low, so that the decision log gets one line when it becomes
+/// low (not one a minute) and the recovery is noted.
+#[derive(Debug, Default)]
+pub struct DiskWatch {
+    low: bool,
+}
+
+impl DiskWatch {
+    pub fn observe(&mut self, space: Space) -> Option<DiskChange> {
+        let low = space.is_low();
+        let change = match (self.low, low) {
+            (false, true) => Some(DiskChange::Low),
+            (true, false) => Some(DiskChange::Recovered),
+            _ => None,
+        };
+        self.low = low;
+        change
+    }
+
+    pub fn is_low(&self) -> bool {
+        self.low
+    }
+}
+
 /// A log whose chain is intact.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifyReport {
     pub lines: usize,
     /// `hash` of the last line, or [`GENESIS`] for an empty log.
     pub last_hash: String,
+    /// `prev` of the first line: [`GENESIS`], or for a file that starts with a rotation line,
+    /// the last hash of the file it continues.
+    pub first_prev: String,
 }
 
 /// Why a log does not verify: the file could not be read, or the first bad line.
@@ -576,6 +760,7 @@ pub fn verify(path: &Path) -> Result<VerifyReport, VerifyError> {
     let file = File::open(path).map_err(io_err)?;
     let mut reader = BufReader::new(file);
     let mut prev = GENESIS.to_owned();
+    let mut first_prev = GENESIS.to_owned();
     let mut line = Vec::new();
     let mut n = 0usize;
     loop {
@@ -588,6 +773,7 @@ pub fn verify(path: &Path) -> Result<VerifyReport, VerifyError> {
             return Ok(VerifyReport {
                 lines: n,
                 last_hash: prev,
+                first_prev,
             });
         }
         n += 1;
@@ -604,8 +790,27 @@ pub fn verify(path: &Path) -> Result<VerifyReport, VerifyError> {
             }));
         }
         line.pop();
+        if n == 1 {
+            if let Some(continued) = rotation_start(&line) {
+                prev = continued.clone();
+                first_prev = continued;
+            }
+        }
         prev = check_line(&line, &prev).map_err(bad)?;
     }
+}
+
+/// The `prev` a file's first line may start from when it is a rotation line (`log_reopened`,
+/// `"rotated": true`, and `prev` equal to its `previous_hash`); None otherwise, and the
+/// first line must then start at [`GENESIS`]. The line's own hash is still checked.
+fn rotation_start(line: &[u8]) -> Option<String> {
+    let map: Map<String, Value> = serde_json::from_slice(line).ok()?;
+    let prev = map.get("prev")?.as_str()?;
+    let rotation = map.get("event")? == "log_reopened"
+        && map.get("rotated")? == &Value::Bool(true)
+        && map.get("previous_hash")?.as_str()? == prev
+        && is_hex64(prev);
+    rotation.then(|| prev.to_owned())
 }
 
 /// Checks one line (without `\n`) against the previous hash; returns its hash.
@@ -796,7 +1001,8 @@ mod tests {
             verify(&path).unwrap(),
             VerifyReport {
                 lines: 0,
-                last_hash: GENESIS.into()
+                last_hash: GENESIS.into(),
+                first_prev: GENESIS.into(),
             }
         );
     }
@@ -990,6 +1196,121 @@ mod tests {
         let user = first["db_user"].as_str().unwrap();
         assert!(user.starts_with("üü") && user.ends_with("[truncated, 102400 bytes]"));
         assert_eq!(verify(&path).unwrap().lines, 2);
+    }
+
+    #[tokio::test]
+    async fn reopening_after_rotation_starts_a_new_file_that_continues_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("decisions.jsonl");
+        let old = dir.path().join("decisions.jsonl.1");
+        let log = write_log(&path, 2).await;
+        std::fs::rename(&path, &old).unwrap();
+        // Written after the move but before the reopen: still the old file.
+        log.record(entry(3)).await.unwrap();
+        log.reopen().await.unwrap();
+        log.record(entry(4)).await.unwrap();
+
+        let old_report = verify(&old).unwrap();
+        assert_eq!(old_report.lines, 3);
+        let new_lines = lines(&path);
+        assert_eq!(new_lines.len(), 2, "{new_lines:#?}");
+        let first: Map<String, Value> = serde_json::from_str(&new_lines[0]).unwrap();
+        assert_eq!(first["event"], "log_reopened");
+        assert_eq!(first["rotated"], true);
+        assert_eq!(first["prev"].as_str().unwrap(), old_report.last_hash);
+        assert_eq!(
+            first["previous_hash"].as_str().unwrap(),
+            old_report.last_hash
+        );
+        let new_report = verify(&path).unwrap();
+        assert_eq!(new_report.lines, 2);
+        assert_eq!(new_report.first_prev, old_report.last_hash);
+        let mode = std::fs::metadata(&path).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    #[tokio::test]
+    async fn reopening_the_same_file_just_continues_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("decisions.jsonl");
+        let log = write_log(&path, 2).await;
+        log.reopen().await.unwrap();
+        log.record(entry(3)).await.unwrap();
+        let report = verify(&path).unwrap();
+        assert_eq!(report.lines, 4);
+        assert_eq!(report.first_prev, GENESIS);
+        let third: Map<String, Value> = serde_json::from_str(&lines(&path)[2]).unwrap();
+        assert_eq!(third["rotated"], false);
+    }
+
+    #[tokio::test]
+    async fn a_file_cut_at_a_non_rotation_line_does_not_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("decisions.jsonl");
+        let log = write_log(&path, 2).await;
+        // A SIGHUP without rotation leaves a `"rotated": false` line mid-file: cutting the
+        // file there must not pass for a rotated log.
+        log.reopen().await.unwrap();
+        log.record(entry(3)).await.unwrap();
+        let text = lines(&path);
+        write_lines(&path, &text[2..]);
+        assert!(matches!(bad_line(&path), (1, LineProblem::Prev { .. })));
+        // Nor does a forged rotation line whose prev is not its previous_hash.
+        let mut forged: Map<String, Value> = serde_json::from_str(&text[2]).unwrap();
+        forged.insert("rotated".into(), Value::Bool(true));
+        forged.insert("previous_hash".into(), Value::from("1".repeat(64)));
+        write_lines(&path, &[serde_json::to_string(&forged).unwrap()]);
+        assert!(verify(&path).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_failed_reopen_keeps_writing_the_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("logs");
+        std::fs::create_dir(&sub).unwrap();
+        let path = sub.join("decisions.jsonl");
+        let log = write_log(&path, 1).await;
+        let moved = dir.path().join("moved");
+        std::fs::rename(&sub, &moved).unwrap();
+        // The folder is gone: the path cannot be opened.
+        assert!(log.reopen().await.is_err());
+        log.record(entry(2)).await.unwrap();
+        assert_eq!(verify(&moved.join("decisions.jsonl")).unwrap().lines, 2);
+    }
+
+    #[test]
+    fn low_space_is_reported_once_when_it_becomes_low_and_when_it_recovers() {
+        let gib = 1024 * 1024 * 1024;
+        let space = |available| Space {
+            available,
+            total: 100 * gib,
+        };
+        assert!(!space(2 * gib).is_low());
+        assert!(space(gib / 2).is_low(), "under 1 % of 100 GiB");
+        assert!(
+            Space {
+                available: 32 * 1024 * 1024,
+                total: gib
+            }
+            .is_low(),
+            "under 64 MiB"
+        );
+        let mut watch = DiskWatch::default();
+        assert_eq!(watch.observe(space(2 * gib)), None);
+        assert_eq!(watch.observe(space(gib / 2)), Some(DiskChange::Low));
+        assert_eq!(watch.observe(space(gib / 4)), None, "once, not every check");
+        assert!(watch.is_low());
+        assert_eq!(watch.observe(space(2 * gib)), Some(DiskChange::Recovered));
+    }
+
+    #[test]
+    fn free_space_reads_the_log_filesystem() {
+        let dir = tempfile::tempdir().unwrap();
+        let space = free_space(&dir.path().join("not-yet-created.jsonl")).unwrap();
+        assert!(
+            space.total > 0 && space.available <= space.total,
+            "{space:?}"
+        );
     }
 
     #[tokio::test]

@@ -86,7 +86,11 @@ impl CancelRegistry {
 
     /// Looks up a CancelRequest from `source`.
     pub fn lookup(&self, source: IpAddr, pid: u32, key: &[u8]) -> CancelLookup {
-        if self.limiter.check_key(&source).is_err() {
+        if self
+            .limiter
+            .check_key(&crate::source::limiter_key(source))
+            .is_err()
+        {
             return CancelLookup::RateLimited;
         }
         let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
@@ -216,6 +220,32 @@ mod tests {
             registry.lookup(other, a.pid, &a.secret),
             CancelLookup::Forward { .. }
         ));
+    }
+
+    #[test]
+    fn dual_stack_sources_are_limited_by_their_ipv4_address() {
+        let registry = CancelRegistry::new(2);
+        let mapped: IpAddr = "::ffff:127.0.0.2".parse().unwrap();
+        let plain: IpAddr = "127.0.0.2".parse().unwrap();
+        let neighbour: IpAddr = "::ffff:127.0.0.3".parse().unwrap();
+        for _ in 0..2 {
+            assert_eq!(registry.lookup(mapped, 1, &[0; 4]), CancelLookup::Unknown);
+        }
+        // Mapped and plain are one source; another IPv4 client is not that source.
+        assert_eq!(
+            registry.lookup(plain, 1, &[0; 4]),
+            CancelLookup::RateLimited
+        );
+        assert_eq!(
+            registry.lookup(neighbour, 1, &[0; 4]),
+            CancelLookup::Unknown
+        );
+        // IPv6 by /64: a neighbour address in the same /64 shares the budget.
+        let a: IpAddr = "2001:db8::1".parse().unwrap();
+        let b: IpAddr = "2001:db8::2".parse().unwrap();
+        registry.lookup(a, 1, &[0; 4]);
+        registry.lookup(a, 1, &[0; 4]);
+        assert_eq!(registry.lookup(b, 1, &[0; 4]), CancelLookup::RateLimited);
     }
 
     #[test]

@@ -1,20 +1,21 @@
 //! The running sidecar: what every connection shares, the accept loop, periodic upkeep
 //! (CRL reload, limiter cleanup), the step-up endpoint, and a clean shutdown.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use eastwall_ca::SpiffeId;
 use eastwall_config::{Config, MfaRoles, Policy, Settings};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::audit::{AuditError, AuditLog, Entry};
 use crate::cancel::CancelRegistry;
 use crate::mfa::{self, SecretStore, TokenKey, Verifier};
+use crate::refusals::{self, RefusalGate};
 use crate::relay::{EndReason, END_GRACE};
 use crate::session::{self, CertUsage};
 use crate::tls::{ReloadingServerConfig, ServerTlsFiles, TlsError};
@@ -27,6 +28,10 @@ const CLEANUP_EVERY: Duration = Duration::from_secs(30);
 /// How long a shutdown waits for live sessions to log their end: the grace, then the
 /// CancelRequest each sends (bounded by the grace too), and a margin for the log's fsync.
 const SHUTDOWN_WAIT: Duration = Duration::from_millis(2 * END_GRACE.as_millis() as u64 + 1000);
+/// How often ended refusal windows are summarised in the log.
+const SUMMARIES_EVERY: Duration = Duration::from_secs(1);
+/// How often the decision log's filesystem is checked for free space.
+const DISK_CHECK_EVERY: Duration = Duration::from_secs(60);
 
 /// Why the sidecar could not start; each says what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +66,10 @@ pub struct Sidecar {
     /// Roles that `mfa(..)` rules protect; recomputed when the MFA enrollments change.
     pub mfa_roles: RwLock<Arc<MfaRoles>>,
     pub startup_slots: Arc<StartupSlots>,
+    /// Connections that have not finished TLS: `max_handshakes`, `max_handshakes_per_source`.
+    pub handshake_slots: Arc<StartupSlots>,
+    /// Which unauthenticated refusals get a line of their own; the rest are summarised.
+    pub refusals: RefusalGate,
     /// Serials the verified CRLs revoke, re-sent on every reload: live sessions watch it and
     /// end when their certificate appears (new handshakes are refused by the TLS verifier).
     pub revoked: watch::Sender<Arc<std::collections::HashSet<String>>>,
@@ -115,47 +124,114 @@ impl Drop for LiveSession<'_> {
     }
 }
 
-/// Connections per source that have not been admitted yet (TLS, startup, MFA in progress).
-/// The global `max_connections` alone would let one host holding silent connections open
-/// lock everyone else out until the startup timeout.
+/// A budget of connections in one phase, per source and (optionally) over all sources.
+///
+/// Used twice: connections that have not been admitted yet (TLS, startup, MFA in progress;
+/// `[limits] max_startups_per_source`), and connections that have not finished TLS
+/// (`max_handshakes`, `max_handshakes_per_source`). The global `max_connections` alone would
+/// let hosts holding silent connections open lock everyone else out. Sources are keyed by
+/// [`crate::source::limiter_key`].
 pub struct StartupSlots {
+    global: usize,
     per_source: usize,
-    counts: Mutex<HashMap<IpAddr, usize>>,
+    counts: Mutex<SlotCounts>,
+}
+
+#[derive(Default)]
+struct SlotCounts {
+    total: usize,
+    /// Each source's slots, oldest first.
+    by_source: HashMap<IpAddr, VecDeque<Held>>,
+    next_id: u64,
+}
+
+struct Held {
+    id: u64,
+    evict: Arc<Notify>,
+}
+
+/// Which part of a budget was full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetFull {
+    Source,
+    Global,
 }
 
 impl StartupSlots {
+    /// A per-source budget with no global cap.
     pub fn new(per_source: usize) -> Arc<Self> {
+        Self::bounded(usize::MAX, per_source)
+    }
+
+    /// A budget of `global` slots over all sources, `per_source` for each.
+    pub fn bounded(global: usize, per_source: usize) -> Arc<Self> {
         Arc::new(Self {
+            global: global.max(1),
             per_source: per_source.max(1),
-            counts: Mutex::new(HashMap::new()),
+            counts: Mutex::new(SlotCounts::default()),
         })
     }
 
-    /// A slot for a new connection from `source`, or None when that source has its fill.
-    pub fn try_acquire(self: &Arc<Self>, source: IpAddr) -> Option<StartupSlot> {
-        let key = source_key(source);
+    /// A slot for a new connection from `source`, or which budget is full.
+    pub fn try_acquire(self: &Arc<Self>, source: IpAddr) -> Result<StartupSlot, BudgetFull> {
+        self.acquire(source, false)
+    }
+
+    /// As [`Self::try_acquire`], but when the global budget is full and some source holds at
+    /// least two slots more than `source`, that source's oldest slot is evicted (its
+    /// connection is told through [`StartupSlot::eviction`]) to make room. So hosts holding
+    /// many slots cannot keep a host with few out; only as many distinct sources as there
+    /// are slots can fill the budget.
+    pub fn try_acquire_fair(self: &Arc<Self>, source: IpAddr) -> Result<StartupSlot, BudgetFull> {
+        self.acquire(source, true)
+    }
+
+    fn acquire(self: &Arc<Self>, source: IpAddr, evict: bool) -> Result<StartupSlot, BudgetFull> {
+        let key = crate::source::limiter_key(source);
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let count = counts.entry(key).or_insert(0);
-        if *count >= self.per_source {
-            return None;
+        let held = counts.by_source.get(&key).map_or(0, VecDeque::len);
+        if held >= self.per_source {
+            return Err(BudgetFull::Source);
         }
-        *count += 1;
-        Some(StartupSlot {
+        if counts.total >= self.global {
+            let largest = counts
+                .by_source
+                .iter()
+                .max_by_key(|(_, slots)| slots.len())
+                .map(|(k, slots)| (*k, slots.len()));
+            match largest {
+                Some((victim, n)) if evict && n > held + 1 => {
+                    if let Some(oldest) = counts
+                        .by_source
+                        .get_mut(&victim)
+                        .and_then(VecDeque::pop_front)
+                    {
+                        oldest.evict.notify_one();
+                        counts.total = counts.total.saturating_sub(1);
+                    }
+                }
+                _ => return Err(BudgetFull::Global),
+            }
+        }
+        counts.total += 1;
+        counts.next_id += 1;
+        let id = counts.next_id;
+        let evict = Arc::new(Notify::new());
+        counts.by_source.entry(key).or_default().push_back(Held {
+            id,
+            evict: evict.clone(),
+        });
+        Ok(StartupSlot {
             slots: self.clone(),
             key,
+            id,
+            evict,
         })
     }
-}
 
-/// One host is one key: IPv6 clients usually hold a whole /64, so they are grouped by it.
-fn source_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => {
-            let mut octets = v6.octets();
-            octets[8..].fill(0);
-            IpAddr::from(octets)
-        }
+    /// Slots held right now, over all sources.
+    pub fn in_use(&self) -> usize {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner()).total
     }
 }
 
@@ -163,17 +239,33 @@ fn source_key(ip: IpAddr) -> IpAddr {
 pub struct StartupSlot {
     slots: Arc<StartupSlots>,
     key: IpAddr,
+    id: u64,
+    evict: Arc<Notify>,
+}
+
+impl StartupSlot {
+    /// Notified when the slot was taken away for a source with fewer slots; the connection
+    /// should then close.
+    pub fn eviction(&self) -> Arc<Notify> {
+        self.evict.clone()
+    }
 }
 
 impl Drop for StartupSlot {
     fn drop(&mut self) {
         let mut counts = self.slots.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = counts.get_mut(&self.key) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                counts.remove(&self.key);
-            }
+        let Some(slots) = counts.by_source.get_mut(&self.key) else {
+            return;
+        };
+        // An evicted slot was already taken out (and uncounted) when it was evicted.
+        let Some(at) = slots.iter().position(|h| h.id == self.id) else {
+            return;
+        };
+        slots.remove(at);
+        if slots.is_empty() {
+            counts.by_source.remove(&self.key);
         }
+        counts.total = counts.total.saturating_sub(1);
     }
 }
 
@@ -196,6 +288,99 @@ impl Sidecar {
         if !detail.is_empty() {
             entry.extra.insert("detail".into(), detail.into());
         }
+        self.log_unauthenticated(entry).await;
+    }
+
+    /// Writes (or counts) a line about a client whose identity is not proven: see
+    /// [`crate::refusals`]. Strings the client chose are capped; a log failure is reported
+    /// and the caller refuses anyway.
+    pub async fn log_unauthenticated(&self, mut entry: Entry) {
+        let Some(peer) = entry.peer else {
+            return self.write(entry).await;
+        };
+        let (verdict, ended) = self
+            .refusals
+            .offer(peer.ip(), &entry.reason, Instant::now());
+        if let Some(summary) = ended {
+            self.write_summary(summary).await;
+        }
+        if verdict == refusals::Verdict::Counted {
+            tracing::debug!(conn.id = %entry.conn_id, %peer, reason = %entry.reason, "unauthenticated refusal counted for the summary");
+            return;
+        }
+        cap_unauthenticated(&mut entry);
+        tracing::info!(conn.id = %entry.conn_id, %peer, reason = %entry.reason,
+            detail = entry.extra.get("detail").and_then(|d| d.as_str()).unwrap_or(""),
+            "refused before authentication");
+        self.write(entry).await;
+    }
+
+    /// Counts (and, first in a window, logs) a connection closed at accept for a full budget,
+    /// without holding up the accept loop on the log's fsync.
+    fn refuse_at_accept(self: &Arc<Self>, peer: SocketAddr, reason: &'static str, what: &str) {
+        let (verdict, ended) = self.refusals.offer(peer.ip(), reason, Instant::now());
+        if verdict == refusals::Verdict::Counted && ended.is_none() {
+            return;
+        }
+        tracing::warn!(%peer, reason, "{what}; closing");
+        let sidecar = self.clone();
+        tokio::spawn(async move {
+            if let Some(summary) = ended {
+                sidecar.write_summary(summary).await;
+            }
+            if verdict == refusals::Verdict::Write {
+                let conn_id = crate::identity::new_conn_id();
+                let mut entry = sidecar.entry(&conn_id, peer, "connect");
+                entry.decision = Some("deny");
+                entry.reason = reason.to_owned();
+                sidecar.write(entry).await;
+            }
+        });
+    }
+
+    /// Writes the summaries of refusal windows that have ended.
+    pub async fn write_due_summaries(&self) {
+        for summary in self.refusals.due(Instant::now()) {
+            self.write_summary(summary).await;
+        }
+    }
+
+    /// Writes every refusal summary still open (at shutdown), so no count is lost.
+    pub async fn flush_refusal_summaries(&self) {
+        for summary in self.refusals.drain(Instant::now()) {
+            self.write_summary(summary).await;
+        }
+    }
+
+    async fn write_summary(&self, summary: refusals::Summary) {
+        let conn_id = crate::identity::new_conn_id();
+        let mut entry = Entry {
+            conn_id,
+            event: "refusals_summary",
+            decision: Some("deny"),
+            reason: "suppressed".into(),
+            ..Entry::default()
+        };
+        let source = summary
+            .source
+            .map_or_else(|| "*".to_owned(), |ip| ip.to_string());
+        tracing::warn!(%source, suppressed = summary.suppressed, "unauthenticated refusals from this source were counted, not logged one by one");
+        entry.extra.insert("source".into(), source.into());
+        entry
+            .extra
+            .insert("suppressed".into(), summary.suppressed.into());
+        entry.extra.insert(
+            "reasons".into(),
+            serde_json::to_value(&summary.reasons).unwrap_or_default(),
+        );
+        entry.extra.insert(
+            "window_ms".into(),
+            (summary.window.as_millis() as u64).into(),
+        );
+        self.write(entry).await;
+    }
+
+    async fn write(&self, entry: Entry) {
         if let Err(err) = self.audit.record(entry).await {
             tracing::error!(%err, "decision log write failed");
         }
@@ -222,6 +407,31 @@ pub fn mfa_roles(settings: &Settings, policy: &Policy) -> MfaRoles {
     policy.mfa_roles(&settings.guards, &enrolled)
 }
 
+/// Caps every string a client could have chosen in an unauthenticated line and marks the
+/// line `"truncated": true` when one was cut.
+fn cap_unauthenticated(entry: &mut Entry) {
+    let max = refusals::UNAUTHENTICATED_FIELD_BYTES;
+    let mut cut = false;
+    for field in [
+        &mut entry.db_user,
+        &mut entry.database,
+        &mut entry.spiffe_id,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        cut |= refusals::cap_in_place(field, max);
+    }
+    for value in entry.extra.values_mut() {
+        if let serde_json::Value::String(s) = value {
+            cut |= refusals::cap_in_place(s, max);
+        }
+    }
+    if cut {
+        entry.extra.insert("truncated".into(), true.into());
+    }
+}
+
 /// A running sidecar: its addresses and a way to stop it.
 pub struct Running {
     pub local_addr: SocketAddr,
@@ -246,6 +456,7 @@ impl Running {
                 "shutdown: some sessions did not log their end in time"
             );
         }
+        self.sidecar.flush_refusal_summaries().await;
     }
 }
 
@@ -279,6 +490,11 @@ pub async fn prepare(config: Config) -> Result<Sidecar, StartError> {
     Ok(Sidecar {
         cancels: CancelRegistry::new(settings.limits.cancels_per_second),
         startup_slots: StartupSlots::new(settings.limits.max_startups_per_source),
+        handshake_slots: StartupSlots::bounded(
+            settings.limits.max_handshakes,
+            settings.limits.max_handshakes_per_source,
+        ),
+        refusals: RefusalGate::new(Instant::now()),
         settings,
         policy,
         tls,
@@ -354,19 +570,42 @@ async fn accept_loop(
             }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "connection limit reached; closing");
+            sidecar.refuse_at_accept(peer, "connection_limit", "connection limit reached");
             drop(tcp);
             continue;
         };
-        let Some(startup) = sidecar.startup_slots.try_acquire(peer.ip()) else {
-            // Not written to the decision log: a flood must not become a flood of fsyncs.
-            tracing::warn!(%peer, "too many connections from this source still starting up; closing");
+        // Not yet through TLS: the smaller handshake budget, so silent or slow handshakes
+        // can hold at most `max_handshakes` of `max_connections`.
+        let handshake = match sidecar.handshake_slots.try_acquire_fair(peer.ip()) {
+            Ok(handshake) => handshake,
+            Err(full) => {
+                let (reason, what) = match full {
+                    BudgetFull::Source => (
+                        "handshake_limit_source",
+                        "too many connections from this source still in the TLS handshake",
+                    ),
+                    BudgetFull::Global => (
+                        "handshake_limit",
+                        "too many connections still in the TLS handshake",
+                    ),
+                };
+                sidecar.refuse_at_accept(peer, reason, what);
+                drop(tcp);
+                continue;
+            }
+        };
+        let Ok(startup) = sidecar.startup_slots.try_acquire(peer.ip()) else {
+            sidecar.refuse_at_accept(
+                peer,
+                "startup_limit_source",
+                "too many connections from this source still starting up",
+            );
             drop(tcp);
             continue;
         };
         let sidecar = sidecar.clone();
         tokio::spawn(async move {
-            session::serve(sidecar, tcp, peer, startup).await;
+            session::serve(sidecar, tcp, peer, startup, handshake).await;
             drop(slot);
         });
     }
@@ -376,8 +615,13 @@ fn spawn_upkeep(sidecar: Arc<Sidecar>, mut stop: watch::Receiver<bool>) {
     tokio::spawn(async move {
         let mut reload = tokio::time::interval(RELOAD_EVERY);
         let mut cleanup = tokio::time::interval(CLEANUP_EVERY);
+        let mut summaries = tokio::time::interval(SUMMARIES_EVERY);
+        let mut disk = tokio::time::interval(DISK_CHECK_EVERY);
+        let mut disk_watch = crate::audit::DiskWatch::default();
         loop {
             tokio::select! {
+                _ = summaries.tick() => sidecar.write_due_summaries().await,
+                _ = disk.tick() => check_disk(&sidecar, &mut disk_watch).await,
                 _ = reload.tick() => {
                     match sidecar.tls.refresh() {
                         Ok(true) => {
@@ -424,6 +668,52 @@ fn spawn_upkeep(sidecar: Arc<Sidecar>, mut stop: watch::Receiver<bool>) {
             }
         }
     });
+}
+
+/// Reports low free space on the decision log's filesystem: a full disk makes every write
+/// fail, and the sidecar then refuses everyone (fail-closed), so it is flagged before that.
+async fn check_disk(sidecar: &Sidecar, watch: &mut crate::audit::DiskWatch) {
+    let path = sidecar.audit.path().to_path_buf();
+    let space = tokio::task::spawn_blocking(move || crate::audit::free_space(&path)).await;
+    let space = match space {
+        Ok(Ok(space)) => space,
+        Ok(Err(err)) => {
+            tracing::warn!(%err, "cannot read the free space of the decision log's filesystem");
+            return;
+        }
+        Err(_) => return,
+    };
+    match watch.observe(space) {
+        Some(crate::audit::DiskChange::Low) => {
+            tracing::error!(available = space.available, total = space.total, path = %sidecar.audit.path().display(),
+                "low disk space for the decision log: when it is full every connection is refused");
+            let mut entry = Entry {
+                conn_id: crate::identity::new_conn_id(),
+                event: "low_disk_space",
+                reason: "below_threshold".into(),
+                alert: true,
+                ..Entry::default()
+            };
+            entry
+                .extra
+                .insert("available_bytes".into(), space.available.into());
+            entry.extra.insert("total_bytes".into(), space.total.into());
+            sidecar.write(entry).await;
+        }
+        Some(crate::audit::DiskChange::Recovered) => {
+            tracing::info!(
+                available = space.available,
+                "disk space for the decision log is back above the threshold"
+            );
+        }
+        None if watch.is_low() => {
+            tracing::error!(
+                available = space.available,
+                "disk space for the decision log is still low"
+            );
+        }
+        None => {}
+    }
 }
 
 /// Serves the HTTPS step-up endpoint with the same TLS config and SVID rules as the front
@@ -523,16 +813,10 @@ mod tests {
         let b: IpAddr = "127.0.0.2".parse().unwrap();
         let first = slots.try_acquire(a).expect("1 of 2");
         let _second = slots.try_acquire(a).expect("2 of 2");
-        assert!(slots.try_acquire(a).is_none(), "a third is refused");
-        assert!(
-            slots.try_acquire(b).is_some(),
-            "another source is unaffected"
-        );
+        assert!(slots.try_acquire(a).is_err(), "a third is refused");
+        assert!(slots.try_acquire(b).is_ok(), "another source is unaffected");
         drop(first);
-        assert!(
-            slots.try_acquire(a).is_some(),
-            "a released slot is reusable"
-        );
+        assert!(slots.try_acquire(a).is_ok(), "a released slot is reusable");
     }
 
     #[test]
@@ -543,9 +827,104 @@ mod tests {
             .unwrap();
         assert!(slots
             .try_acquire("2001:db8:1:2::ffff".parse().unwrap())
-            .is_none());
+            .is_err());
         assert!(slots
             .try_acquire("2001:db8:1:3::1".parse().unwrap())
-            .is_some());
+            .is_ok());
+    }
+
+    #[test]
+    fn ipv4_clients_of_a_dual_stack_listener_each_have_their_own_budget() {
+        let slots = StartupSlots::new(1);
+        let _held = slots
+            .try_acquire("::ffff:127.0.0.2".parse().unwrap())
+            .unwrap();
+        assert_eq!(
+            slots.try_acquire("127.0.0.2".parse().unwrap()).err(),
+            Some(BudgetFull::Source),
+            "mapped and plain IPv4 are one source"
+        );
+        assert!(slots
+            .try_acquire("::ffff:127.0.0.3".parse().unwrap())
+            .is_ok());
+    }
+
+    #[test]
+    fn unauthenticated_lines_cap_client_strings_and_say_so() {
+        let mut entry = Entry {
+            db_user: Some("u".repeat(1024)),
+            database: Some("é".repeat(512)),
+            reason: "no_tls".into(),
+            ..Entry::default()
+        };
+        entry.extra.insert("detail".into(), "d".repeat(100).into());
+        cap_unauthenticated(&mut entry);
+        assert_eq!(entry.db_user.as_deref().map(str::len), Some(64));
+        assert_eq!(entry.database.as_deref().map(str::len), Some(64));
+        assert_eq!(entry.extra["detail"].as_str().map(str::len), Some(64));
+        assert_eq!(entry.extra["truncated"], true);
+        assert_eq!(entry.reason, "no_tls", "our own reason is not touched");
+
+        let mut short = Entry {
+            db_user: Some("billing".into()),
+            ..Entry::default()
+        };
+        cap_unauthenticated(&mut short);
+        assert!(!short.extra.contains_key("truncated"));
+    }
+
+    #[test]
+    fn a_full_fair_budget_evicts_the_oldest_slot_of_the_largest_holder() {
+        let slots = StartupSlots::bounded(4, 3);
+        let flood: Vec<StartupSlot> = (0..3)
+            .map(|_| {
+                slots
+                    .try_acquire_fair("127.0.0.2".parse().unwrap())
+                    .unwrap()
+            })
+            .collect();
+        let _other = slots
+            .try_acquire_fair("127.0.0.3".parse().unwrap())
+            .unwrap();
+        assert_eq!(slots.in_use(), 4);
+        let eviction = flood[0].eviction();
+        let newcomer = slots
+            .try_acquire_fair("127.0.0.4".parse().unwrap())
+            .expect("room made for a source with none");
+        assert_eq!(slots.in_use(), 4, "one out, one in");
+        // The oldest of the flood was told (a permit is stored even before anyone waits).
+        assert!(futures_util::FutureExt::now_or_never(eviction.notified()).is_some());
+        // A source only one slot behind the largest holder does not evict.
+        assert_eq!(
+            slots.try_acquire_fair("127.0.0.3".parse().unwrap()).err(),
+            Some(BudgetFull::Global)
+        );
+        // Another newcomer does: the flood is down to one.
+        let _fifth = slots
+            .try_acquire_fair("127.0.0.5".parse().unwrap())
+            .unwrap();
+        assert!(futures_util::FutureExt::now_or_never(flood[1].eviction().notified()).is_some());
+        assert!(futures_util::FutureExt::now_or_never(flood[2].eviction().notified()).is_none());
+        // The plain (unfair) budget never evicts.
+        let plain = StartupSlots::bounded(1, 1);
+        let _a = plain.try_acquire("127.0.0.2".parse().unwrap()).unwrap();
+        assert!(plain.try_acquire("127.0.0.3".parse().unwrap()).is_err());
+        drop(flood);
+        drop(newcomer);
+        assert_eq!(slots.in_use(), 2, "evicted slots are not counted twice");
+    }
+
+    #[test]
+    fn a_bounded_budget_caps_all_sources_together() {
+        let slots = StartupSlots::bounded(2, 2);
+        let _a = slots.try_acquire("127.0.0.2".parse().unwrap()).unwrap();
+        let b = slots.try_acquire("127.0.0.3".parse().unwrap()).unwrap();
+        assert_eq!(
+            slots.try_acquire("127.0.0.4".parse().unwrap()).err(),
+            Some(BudgetFull::Global)
+        );
+        assert_eq!(slots.in_use(), 2);
+        drop(b);
+        assert!(slots.try_acquire("127.0.0.4".parse().unwrap()).is_ok());
     }
 }

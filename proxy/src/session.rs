@@ -74,13 +74,41 @@ impl Drop for CertUse {
 /// Serves one accepted TCP connection until it ends. Never panics on client input.
 /// `startup` is the connection's place in its source's pre-admission budget; it is given back
 /// once the client is admitted (or gone).
-pub async fn serve(sidecar: Arc<Sidecar>, tcp: TcpStream, peer: SocketAddr, startup: StartupSlot) {
+/// `handshake` is its place in the smaller budget of connections not yet through TLS, held
+/// only until the handshake is done (or `[limits] handshake_timeout` passes).
+///
+/// Every line written here, before an identity is proven, goes through
+/// [`Sidecar::log_unauthenticated`]: aggregated per source, attacker strings capped.
+pub async fn serve(
+    sidecar: Arc<Sidecar>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    startup: StartupSlot,
+    handshake: StartupSlot,
+) {
     let conn_id = identity::new_conn_id();
     let _ = tcp.set_nodelay(true);
     let started = Instant::now();
     let deadline = sidecar.settings.limits.startup_timeout;
+    // A handshake timeout that is not shorter than the startup timeout leaves the startup
+    // timeout in charge (and its reason in the log).
+    let handshake_timeout = match sidecar.settings.limits.handshake_timeout {
+        t if t < deadline => t,
+        _ => deadline + std::time::Duration::from_secs(1),
+    };
 
-    let front = tokio::time::timeout(deadline, startup::negotiate(tcp, sidecar.tls.get())).await;
+    // A full handshake budget can take this connection's slot for a source holding fewer.
+    let evicted = handshake.eviction();
+    let front = tokio::time::timeout(deadline, async {
+        tokio::select! {
+            front = startup::negotiate(tcp, sidecar.tls.get(), handshake_timeout, handshake) => front,
+            _ = evicted.notified() => FrontDoor::Refused(startup::Refusal {
+                reason: "handshake_evicted",
+                detail: "handshake budget full: this source's oldest handshake made room for another source".into(),
+            }),
+        }
+    })
+    .await;
     let front = match front {
         Ok(front) => front,
         Err(_) => {
@@ -98,7 +126,6 @@ pub async fn serve(sidecar: Arc<Sidecar>, tcp: TcpStream, peer: SocketAddr, star
     match front {
         FrontDoor::Gone => {}
         FrontDoor::Refused(refusal) => {
-            tracing::info!(conn.id = %conn_id, %peer, reason = refusal.reason, detail = %refusal.detail, "refused at the front door");
             sidecar
                 .log_refusal(&conn_id, peer, refusal.reason, &refusal.detail)
                 .await;
@@ -115,7 +142,7 @@ pub async fn serve(sidecar: Arc<Sidecar>, tcp: TcpStream, peer: SocketAddr, star
                 entry.db_user = startup.param("user").map(str::to_owned);
                 entry.database = startup.param("database").map(str::to_owned);
             }
-            let _ = sidecar.audit.record(entry).await;
+            sidecar.log_unauthenticated(entry).await;
             let mut out = BytesMut::new();
             codec::put_error(
                 &mut out,
@@ -709,7 +736,8 @@ async fn handle_cancel(sidecar: &Sidecar, conn_id: &str, peer: SocketAddr, pid: 
             let mut entry = sidecar.entry(conn_id, peer, "cancel");
             entry.decision = Some("deny");
             entry.reason = "unknown_key".into();
-            let _ = sidecar.audit.record(entry).await;
+            // Anyone can send a CancelRequest: aggregated like the other unauthenticated lines.
+            sidecar.log_unauthenticated(entry).await;
         }
         CancelLookup::RateLimited => {
             // Not written to the decision log: a flood of guesses must not become a flood

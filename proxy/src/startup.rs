@@ -2,11 +2,15 @@
 //! GSSENCRequest, PG17 direct TLS, CancelRequest and the StartupMessage — and the TLS
 //! handshake in between.
 //!
+//! Everything before a finished TLS handshake is bounded by `[limits] handshake_timeout`
+//! and holds a slot of the smaller handshake budget only until then (see [`negotiate`]).
+//!
 //! Plaintext is read with exact-length reads from the raw socket, so no byte the client sent
 //! after its SSLRequest can be mistaken for part of the encrypted session (CVE-2021-23214).
 
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
@@ -76,69 +80,102 @@ impl From<CodecError> for Refusal {
     }
 }
 
+/// What the client did before (or instead of) a finished TLS handshake.
+enum Secured {
+    Tls(Box<TlsStream<TcpStream>>, bool),
+    Done(FrontDoor),
+}
+
 /// Negotiates encryption and reads the StartupMessage.
-pub async fn negotiate(mut tcp: TcpStream, tls: Arc<ServerConfig>) -> FrontDoor {
+///
+/// Everything up to a finished TLS handshake (or a plaintext request) must happen within
+/// `handshake_timeout`, and `handshake_slot` — the connection's place in the smaller
+/// handshake budget — is held only until then; reading the StartupMessage inside TLS is
+/// bounded by the caller's startup timeout.
+pub async fn negotiate<G>(
+    tcp: TcpStream,
+    tls: Arc<ServerConfig>,
+    handshake_timeout: Duration,
+    handshake_slot: G,
+) -> FrontDoor {
+    let secured = tokio::time::timeout(handshake_timeout, secure(tcp, tls)).await;
+    drop(handshake_slot);
+    match secured {
+        Err(_) => FrontDoor::Refused(Refusal::new(
+            "handshake_timeout",
+            format!(
+                "TLS handshake not finished within {}",
+                humantime::format_duration(handshake_timeout)
+            ),
+        )),
+        Ok(Secured::Done(front)) => front,
+        Ok(Secured::Tls(stream, direct_tls)) => read_startup_in_tls(*stream, direct_tls).await,
+    }
+}
+
+async fn secure(mut tcp: TcpStream, tls: Arc<ServerConfig>) -> Secured {
+    use Secured::Done;
     let mut first = [0u8; 1];
     match tcp.peek(&mut first).await {
-        Ok(0) | Err(_) => return FrontDoor::Gone,
+        Ok(0) | Err(_) => return Done(FrontDoor::Gone),
         Ok(_) => {}
     }
     if first[0] == TLS_HANDSHAKE_RECORD {
         let stream = match accept_tls(tcp, tls).await {
             Ok(stream) => stream,
-            Err(refusal) => return FrontDoor::Refused(refusal),
+            Err(refusal) => return Done(FrontDoor::Refused(refusal)),
         };
         // Direct TLS is only for clients that say they speak PostgreSQL inside it.
         if stream.get_ref().1.alpn_protocol() != Some(ALPN_POSTGRESQL) {
-            return FrontDoor::Refused(Refusal::new(
+            return Done(FrontDoor::Refused(Refusal::new(
                 "direct_tls_without_alpn",
                 "direct TLS connection without ALPN \"postgresql\"",
-            ));
+            )));
         }
-        return read_startup_in_tls(stream, true).await;
+        return Secured::Tls(Box::new(stream), true);
     }
 
     let mut gss_refused = false;
     loop {
         let packet = match read_plain_packet(&mut tcp).await {
             Ok(Some(packet)) => packet,
-            Ok(None) => return FrontDoor::Gone,
-            Err(refusal) => return FrontDoor::Refused(refusal),
+            Ok(None) => return Done(FrontDoor::Gone),
+            Err(refusal) => return Done(FrontDoor::Refused(refusal)),
         };
         match packet {
             StartupPacket::GssEncRequest if !gss_refused => {
                 gss_refused = true;
                 if tcp.write_all(b"N").await.is_err() {
-                    return FrontDoor::Gone;
+                    return Done(FrontDoor::Gone);
                 }
             }
             StartupPacket::GssEncRequest => {
-                return FrontDoor::Refused(Refusal::new(
+                return Done(FrontDoor::Refused(Refusal::new(
                     "protocol_violation",
                     "second GSSENCRequest",
-                ))
+                )))
             }
             StartupPacket::SslRequest => {
                 if bytes_waiting(&tcp) {
-                    return FrontDoor::Refused(Refusal::new(
+                    return Done(FrontDoor::Refused(Refusal::new(
                         "data_after_ssl_request",
                         "received unencrypted data after SSL request",
-                    ));
+                    )));
                 }
                 if tcp.write_all(b"S").await.is_err() {
-                    return FrontDoor::Gone;
+                    return Done(FrontDoor::Gone);
                 }
                 return match accept_tls(tcp, tls).await {
-                    Ok(stream) => read_startup_in_tls(stream, false).await,
-                    Err(refusal) => FrontDoor::Refused(refusal),
+                    Ok(stream) => Secured::Tls(Box::new(stream), false),
+                    Err(refusal) => Done(FrontDoor::Refused(refusal)),
                 };
             }
-            StartupPacket::Cancel { pid, key } => return FrontDoor::Cancel { pid, key },
+            StartupPacket::Cancel { pid, key } => return Done(FrontDoor::Cancel { pid, key }),
             StartupPacket::Startup(startup) => {
-                return FrontDoor::Plaintext {
+                return Done(FrontDoor::Plaintext {
                     startup: Some(startup),
                     stream: tcp,
-                }
+                })
             }
         }
     }

@@ -1,7 +1,7 @@
-//! `eastwall proxy --config FILE`: runs the sidecar until SIGINT or SIGTERM. Then every live
-//! session is ended (FATAL 57P01 "the sidecar is shutting down", reason `shutdown` in its
-//! session_end line) and the process waits, bounded, for those lines; a second signal
-//! exits at once.
+//! `eastwall proxy --config FILE`: runs the sidecar until SIGINT or SIGTERM; SIGHUP reopens the
+//! decision log. On SIGINT/SIGTERM every live session is ended (FATAL 57P01 "the sidecar is
+//! shutting down", reason `shutdown` in its session_end line) and the process waits, bounded,
+//! for those lines; a second signal exits at once.
 
 use std::path::PathBuf;
 
@@ -32,6 +32,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "eastwall: step-up endpoint on https://{addr}/v1/stepup"
             ));
         }
+        reopen_log_on_sighup(running.sidecar.clone())?;
         wait_for_signal().await?;
         say("eastwall: shutting down; ending live sessions");
         tokio::select! {
@@ -58,6 +59,22 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         r = tokio::signal::ctrl_c() => r.context("cannot watch SIGINT")?,
         _ = term.recv() => {}
     }
+    Ok(())
+}
+
+/// SIGHUP (log rotation) reopens the decision log at its configured path; without a
+/// handler SIGHUP would end the process.
+fn reopen_log_on_sighup(sidecar: std::sync::Arc<crate::server::Sidecar>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match sidecar.audit.reopen().await {
+                Ok(()) => tracing::info!("SIGHUP: decision log reopened"),
+                Err(err) => tracing::error!(%err, "SIGHUP: cannot reopen the decision log"),
+            }
+        }
+    });
     Ok(())
 }
 

@@ -115,20 +115,9 @@ impl<K: Hash + Eq + Clone> FailureLimiter<K> {
     }
 }
 
-/// The key a source address is limited under: IPv4 as is, IPv6 by its /64, since one host
-/// usually holds a whole /64 and could otherwise rotate addresses to dodge the limit.
+/// The key a source address is limited under: the one mapping every limiter shares.
 pub(crate) fn source_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let mut seg = v6.segments();
-                seg[4..].fill(0);
-                IpAddr::V6(seg.into())
-            }
-        },
-    }
+    crate::source::limiter_key(ip)
 }
 
 #[cfg(test)]
