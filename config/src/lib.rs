@@ -20,7 +20,7 @@ pub use decision::{authorize, explain, Decision, Request, Verdict};
 pub use error::ConfigError;
 pub use pattern::{IdPattern, PatternError};
 pub use policy::{Policy, PolicyError, RuleCounts, RuleKind, RuleRef};
-pub use secret::{PasswordSource, Secret};
+pub use secret::{FileStamp, PasswordSource, Secret};
 pub use settings::{
     AuditSettings, Config, Limits, ListenSettings, MfaSettings, Settings, UpstreamLogin,
     UpstreamSettings, UpstreamTarget,
