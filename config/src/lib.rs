@@ -23,5 +23,5 @@ pub use policy::{Policy, PolicyError, RuleCounts, RuleKind, RuleRef};
 pub use secret::{FileStamp, PasswordSource, Secret};
 pub use settings::{
     AuditSettings, Config, Limits, ListenSettings, MfaSettings, Settings, UpstreamLogin,
-    UpstreamSettings, UpstreamTarget,
+    UpstreamSettings, UpstreamTarget, DEFAULT_MAX_SESSIONS_PER_IDENTITY,
 };

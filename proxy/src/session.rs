@@ -33,6 +33,8 @@ const NOT_FORWARDED: &[&str] = &["user", "database", "replication"];
 #[derive(Default)]
 pub struct CertUsage {
     in_use: Mutex<HashMap<String, (IpAddr, usize)>>,
+    /// Sessions per SPIFFE ID, for `[limits] max_sessions_per_identity`.
+    by_identity: Mutex<HashMap<String, usize>>,
 }
 
 impl CertUsage {
@@ -68,6 +70,44 @@ impl Drop for CertUse {
             entry.1 = entry.1.saturating_sub(1);
             if entry.1 == 0 {
                 map.remove(&self.serial);
+            }
+        }
+    }
+}
+
+impl CertUsage {
+    /// A place among the sessions of `id`, or None when it already holds `max`.
+    fn acquire_identity(self: &Arc<Self>, id: &str, max: usize) -> Option<IdentitySession> {
+        let mut map = self.by_identity.lock().unwrap_or_else(|p| p.into_inner());
+        let count = map.entry(id.to_owned()).or_insert(0);
+        if *count >= max.max(1) {
+            return None;
+        }
+        *count += 1;
+        Some(IdentitySession {
+            usage: self.clone(),
+            id: id.to_owned(),
+        })
+    }
+}
+
+/// One session's place in its identity's `max_sessions_per_identity`, given back at its end.
+struct IdentitySession {
+    usage: Arc<CertUsage>,
+    id: String,
+}
+
+impl Drop for IdentitySession {
+    fn drop(&mut self) {
+        let mut map = self
+            .usage
+            .by_identity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = map.get_mut(&self.id) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                map.remove(&self.id);
             }
         }
     }
@@ -243,6 +283,18 @@ async fn admit_and_relay(
 
     let (cert_use, cert_elsewhere) = sidecar.cert_usage.acquire(&identity.serial_hex, peer.ip());
     let _cert_use = cert_use;
+    // One workload must not take all of PostgreSQL's max_connections: sessions being admitted
+    // count too, so a burst cannot overshoot.
+    let max_sessions = sidecar.settings.limits.max_sessions_per_identity;
+    let Some(_identity_session) = sidecar.cert_usage.acquire_identity(&id_text, max_sessions)
+    else {
+        entry.decision = Some("deny");
+        entry.reason = "identity_session_limit".into();
+        let message = format!(
+            "too many sessions for {id_text}: it already holds limits.max_sessions_per_identity = {max_sessions} (connection {conn_id})"
+        );
+        return refuse(&sidecar, &mut tls, entry, "53300", &message).await;
+    };
 
     let mut decision = decide(&sidecar, &identity, peer.ip(), &user, &database, false);
     let mut mfa_fields = Map::new();
