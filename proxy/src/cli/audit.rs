@@ -34,9 +34,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 fn verify(file: PathBuf) -> anyhow::Result<()> {
     match audit::verify(&file) {
         Ok(report) => {
-            println!(
+            outln!(
                 "ok: {} lines, chain intact (last hash {})",
-                report.lines, report.last_hash
+                report.lines,
+                report.last_hash
             );
             Ok(())
         }

@@ -120,14 +120,14 @@ fn enroll(config_path: &Path, id: &str, force: bool) -> anyhow::Result<()> {
         .light_color(Dense1x2::Dark)
         .quiet_zone(true)
         .build();
-    println!("Enrolled {id} for TOTP (SHA-1, 6 digits, 30 s).");
-    println!("Scan this QR code with an authenticator app, or add the URI by hand:");
-    println!();
-    println!("{qr}");
-    println!();
-    println!("{}", enrollment.otpauth_uri);
-    println!("secret (base32): {}", enrollment.secret_b32);
-    println!(
+    outln!("Enrolled {id} for TOTP (SHA-1, 6 digits, 30 s).");
+    outln!("Scan this QR code with an authenticator app, or add the URI by hand:");
+    outln!();
+    outln!("{qr}");
+    outln!();
+    outln!("{}", enrollment.otpauth_uri);
+    outln!("secret (base32): {}", enrollment.secret_b32);
+    outln!(
         "This secret is shown once; it is stored in {}.",
         secrets.display()
     );
@@ -161,7 +161,7 @@ fn list(config_path: &Path) -> anyhow::Result<()> {
     }
     for (id, at) in entries {
         let at = at.format(&Rfc3339).unwrap_or_default();
-        println!("{id}\t{at}");
+        outln!("{id}\t{at}");
     }
     Ok(())
 }
@@ -170,7 +170,7 @@ fn remove(config_path: &Path, id: &str) -> anyhow::Result<()> {
     let config = load_config(config_path)?;
     let id = parse_id(&config, id)?;
     SecretStore::remove(&config.settings.mfa.secrets, &id)?;
-    println!("Removed {id}'s TOTP secret.");
+    outln!("Removed {id}'s TOTP secret.");
     Ok(())
 }
 
@@ -197,7 +197,7 @@ fn login(
         &code,
         LOGIN_TIMEOUT,
     ))?;
-    println!("{}", answer.token);
+    outln!("{}", answer.token);
     if std::io::stderr().is_terminal() {
         eprintln!("eastwall: step-up token valid until {}", answer.expires_at);
     }
