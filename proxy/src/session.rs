@@ -1,8 +1,23 @@
 //! One client connection, end to end: front door, identity, policy decision, MFA step-up,
 //! the proxy's own upstream login, the decision line, and the relay.
 //!
-//! Nothing reaches PostgreSQL, and no AuthenticationOk reaches the client, until the
-//! decision that admits it is durably in the log.
+//! The order, and what PostgreSQL sees before the allow line is durable:
+//!
+//! 1. TLS, the client's certificate (its identity) and its startup message. PostgreSQL hears
+//!    nothing.
+//! 2. The policy decision and, for operators, the MFA step-up. A refusal is logged and the
+//!    client gets FATAL; PostgreSQL hears nothing.
+//! 3. The proxy's own login to PostgreSQL as the granted role: a connection, a startup
+//!    message with the forwarded parameters, the proxy's authentication, and the proxy's own
+//!    privilege check on that session (superuser-equivalence). PostgreSQL may log this login
+//!    and a backend exists for it, but it carries no byte the client sent except the
+//!    forwarded startup parameters.
+//! 4. A failed privilege check is logged as a refusal and the upstream session is ended
+//!    with Terminate.
+//! 5. The allow line, durably in the log (written and fsync'd). If it cannot be written, the
+//!    upstream session is ended and the client refused (57P03).
+//! 6. Only then does AuthenticationOk reach the client, and only then do the client's own
+//!    messages (including any it pipelined after the startup) reach PostgreSQL.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
