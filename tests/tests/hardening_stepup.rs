@@ -147,3 +147,39 @@ async fn one_source_cannot_hold_every_stepup_slot() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn an_administrator_clears_a_lockout_with_eastwall_mfa_unlock() -> anyhow::Result<()> {
+    let d = deployment("max_failures = 1\n").await?;
+    let r = fetch(&d, d.tls_for("alice")?, &wrong_code(&d, SystemTime::now())).await?;
+    assert_eq!(status(&r), Some((429, "locked_out".to_owned())), "{r:?}");
+    let line = d
+        .wait_for_decision(|l| l["event"] == "stepup" && l["reason"] == "mfa_locked_out")
+        .await?;
+    assert_eq!(line["alert"], true, "{line}");
+    assert!(line["lockout_s"].as_u64().is_some_and(|s| s > 0), "{line}");
+
+    let mut unlock = tokio::process::Command::new(eastwall_bin().await?);
+    unlock
+        .args(["mfa", "unlock", "--config"])
+        .arg(&d.layout.config)
+        .arg(ALICE);
+    let out = output(unlock).await?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("Cleared"), "{}", stdout(&out));
+
+    // The sidecar re-reads the secrets file every 2 s.
+    let code = d.alice_code(SystemTime::now());
+    for _ in 0..50 {
+        let r = fetch(&d, d.tls_for("alice")?, &code).await?;
+        match status(&r) {
+            None => {
+                r.map_err(|e| anyhow::anyhow!("{e}"))?;
+                return Ok(());
+            }
+            Some((429, _)) => tokio::time::sleep(Duration::from_millis(200)).await,
+            other => anyhow::bail!("unexpected answer {other:?}"),
+        }
+    }
+    anyhow::bail!("the lock was not cleared within 10 s")
+}

@@ -53,6 +53,13 @@ enum Command {
         #[arg(value_name = "SPIFFE_ID")]
         id: String,
     },
+    /// Clear an identity's MFA lockout (a running sidecar applies it within a few seconds).
+    Unlock {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(value_name = "SPIFFE_ID")]
+        id: String,
+    },
     /// Fetch a step-up token from a running sidecar and print only the token, for
     /// `export PGPASSWORD=$(eastwall mfa login ...)`.
     Login {
@@ -79,6 +86,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Command::Enroll { config, id, force } => enroll(&config, &id, force),
         Command::List { config } => list(&config),
         Command::Remove { config, id } => remove(&config, &id),
+        Command::Unlock { config, id } => unlock(&config, &id),
         Command::Login {
             url,
             cert,
@@ -171,6 +179,16 @@ fn remove(config_path: &Path, id: &str) -> anyhow::Result<()> {
     let id = parse_id(&config, id)?;
     SecretStore::remove(&config.settings.mfa.secrets, &id)?;
     outln!("Removed {id}'s TOTP secret.");
+    Ok(())
+}
+
+fn unlock(config_path: &Path, id: &str) -> anyhow::Result<()> {
+    let config = load_config(config_path)?;
+    let id = parse_id(&config, id)?;
+    SecretStore::unlock(&config.settings.mfa.secrets, &id)?;
+    outln!(
+        "Cleared {id}'s MFA lockout; a running sidecar applies it within a few seconds (its source address keeps its own budget)."
+    );
     Ok(())
 }
 

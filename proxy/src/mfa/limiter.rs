@@ -129,6 +129,11 @@ impl<K: Hash + Eq + Clone> FailureLimiter<K> {
         Charge::Tripped { first: true }
     }
 
+    /// Forgets everything about `key`: a full budget, no lock, no escalation.
+    pub(crate) fn clear(&self, key: &K) {
+        self.states().remove(key);
+    }
+
     /// Forgets keys whose budget is full again, that are not locked, and whose last trip is
     /// too old to escalate.
     pub(crate) fn retain_recent(&self, now: Instant) {

@@ -168,8 +168,15 @@ impl Verifier {
 
     /// Swaps in a re-read secrets file (after `eastwall mfa enroll` or `remove`), keeping
     /// limits and the replay cache.
+    /// An identity an administrator unlocked (`eastwall mfa unlock`) or re-enrolled since the
+    /// last read starts again with a full budget and no lock.
     pub fn replace_store(&self, store: SecretStore) {
-        *self.store.write().unwrap_or_else(|e| e.into_inner()) = store;
+        let mut current = self.store.write().unwrap_or_else(|e| e.into_inner());
+        for id in current.reset_between(&store) {
+            tracing::info!(spiffe_id = %id, "MFA lockout cleared by an administrator");
+            self.by_id.clear(&id);
+        }
+        *current = store;
     }
 
     /// Whether `id` has a TOTP secret enrolled.

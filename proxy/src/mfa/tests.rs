@@ -221,6 +221,36 @@ fn one_source_spraying_many_identities_is_locked_by_address() {
 }
 
 #[test]
+fn an_administrator_unlock_clears_the_lock_and_its_escalation() {
+    let f = Fixture::new(2);
+    let path = f._dir.path().join("mfa.json");
+    let right = f.code(&alice(), t0());
+    let wrong = format!("{:06}", (right.parse::<u32>().unwrap() + 1) % 1_000_000);
+    f.check(&alice(), &wrong, t0());
+    assert_eq!(
+        f.check(&alice(), &wrong, t0()),
+        MfaOutcome::LockedOut { first: true }
+    );
+    assert_eq!(
+        f.check(&alice(), &right, t0()),
+        MfaOutcome::LockedOut { first: false }
+    );
+    // Re-reading an unchanged file changes nothing.
+    f.verifier.replace_store(SecretStore::load(&path).unwrap());
+    assert_eq!(
+        f.check(&alice(), &right, t0()),
+        MfaOutcome::LockedOut { first: false }
+    );
+    SecretStore::unlock(&path, &alice()).unwrap();
+    f.verifier.replace_store(SecretStore::load(&path).unwrap());
+    assert_eq!(f.check(&alice(), &right, t0()), TOTP_OK);
+    assert!(matches!(
+        SecretStore::unlock(&path, &SpiffeId::parse("spiffe://corp.example/x").unwrap()),
+        Err(MfaError::NotEnrolled(_))
+    ));
+}
+
+#[test]
 fn identities_that_are_not_enrolled_spend_no_budget() {
     // The attack: any workload with a certificate (billing, a laptop) sends wrong codes from
     // the address an operator shares, to lock that address out.
