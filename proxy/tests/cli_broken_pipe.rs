@@ -9,12 +9,14 @@ const SEED: &str = include_str!("../../examples/policy.ew");
 
 /// Runs eastwall with stdout a pipe nobody reads; returns (exit code, stderr).
 fn with_closed_stdout(args: &[&str]) -> (Option<i32>, String) {
-    let (reader, writer) = std::io::pipe().expect("a pipe");
+    // A socket pair stands in for the pipe (std::io::pipe is newer than our MSRV): writing
+    // to it once the other end is closed fails with EPIPE exactly as a pipe does.
+    let (reader, writer) = std::os::unix::net::UnixStream::pair().expect("a socket pair");
     drop(reader);
     let out = Command::new(env!("CARGO_BIN_EXE_eastwall"))
         .args(args)
         .stdin(Stdio::null())
-        .stdout(writer)
+        .stdout(std::os::fd::OwnedFd::from(writer))
         .stderr(Stdio::piped())
         .output()
         .expect("run eastwall");

@@ -28,8 +28,7 @@ async fn one_identity_cannot_hold_more_than_its_sessions() -> anyhow::Result<()>
     let err = d
         .connect("billing", "billing")
         .await
-        .err()
-        .expect("a third session of billing is refused");
+        .expect_err("a third session of billing is refused");
     let db = err.as_db_error().expect("a FATAL from the proxy");
     assert_eq!(db.code().code(), "53300", "{db:?}");
     assert!(
@@ -85,8 +84,7 @@ async fn absent_or_zero_means_the_default_never_unlimited() -> anyhow::Result<()
     );
     std::fs::write(&d.layout.config, text)?;
     let lines = eastwall_config::Config::load(&d.layout.config)
-        .err()
-        .expect("a negative limit is refused")
+        .expect_err("a negative limit is refused")
         .lines();
     assert!(
         lines.iter().any(|l| l.contains(":")
