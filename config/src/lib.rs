@@ -23,8 +23,8 @@ pub use error::ConfigError;
 pub use mfa_roles::{MfaRoles, Protection};
 pub use pattern::{IdPattern, PatternError};
 pub use policy::{Policy, PolicyError, RuleCounts, RuleKind, RuleRef};
-pub use secret::{PasswordSource, Secret};
+pub use secret::{FileStamp, PasswordSource, Secret};
 pub use settings::{
     AuditSettings, Config, Limits, ListenSettings, MfaSettings, Settings, UpstreamLogin,
-    UpstreamSettings, UpstreamTarget,
+    UpstreamSettings, UpstreamTarget, DEFAULT_MAX_SESSIONS_PER_IDENTITY,
 };

@@ -63,6 +63,7 @@
 //!                                 # TLS, all sources together (at most max_connections)
 //! max_handshakes_per_source = 32  # default 32 such connections per source address
 //! idle_timeout = "1h"             # optional: close sessions idle this long
+//! max_sessions_per_identity = 32  # default 32 (0 = default): sessions one SPIFFE ID may hold
 //! ```
 //!
 //! Loading checks syntax and consistency and reads the policy file; certificate, key and
@@ -206,7 +207,14 @@ pub struct Limits {
     /// Connections that have not finished TLS from one source (see `eastwall::source`).
     pub max_handshakes_per_source: usize,
     pub idle_timeout: Option<Duration>,
+    /// Sessions one SPIFFE ID may hold at once (admitted or being admitted), so one workload
+    /// cannot take all of PostgreSQL's `max_connections`. Never unlimited.
+    pub max_sessions_per_identity: usize,
 }
+
+/// `[limits] max_sessions_per_identity` when absent or 0: a third of PostgreSQL's default
+/// `max_connections` (100), above common pool sizes (HikariCP 10, PgBouncer 20).
+pub const DEFAULT_MAX_SESSIONS_PER_IDENTITY: usize = 32;
 
 // ---------------------------------------------------------------------------------------------
 // The file as written
@@ -295,6 +303,7 @@ struct RawLimits {
     max_handshakes: Option<Spanned<i64>>,
     max_handshakes_per_source: Option<Spanned<i64>>,
     idle_timeout: Option<Str>,
+    max_sessions_per_identity: Option<Spanned<i64>>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -658,6 +667,17 @@ impl Settings {
                 "limits.idle_timeout",
                 l.and_then(|l| l.idle_timeout.as_ref()),
             ),
+            // 0 means "the default", never "unlimited".
+            max_sessions_per_identity: match c.int(
+                "limits.max_sessions_per_identity",
+                l.and_then(|l| l.max_sessions_per_identity.as_ref()),
+                DEFAULT_MAX_SESSIONS_PER_IDENTITY,
+                0,
+                1_000_000,
+            ) {
+                0 => DEFAULT_MAX_SESSIONS_PER_IDENTITY,
+                n => n,
+            },
         };
 
         match (trust_domain, listen_address, upstream) {

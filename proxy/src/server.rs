@@ -724,11 +724,24 @@ fn spawn_stepup(
     listener: TcpListener,
     mut stop: watch::Receiver<bool>,
 ) {
-    let trust_domain = sidecar.settings.trust_domain.clone();
+    let policy_of = sidecar.clone();
     let identify: crate::stepup::Identify = Arc::new(move |conn: &rustls::ServerConnection| {
-        crate::identity::identify(conn.peer_certificates(), &trust_domain)
-            .map(|who| (who.id, who.cert_sha256))
-            .map_err(|err| err.to_string())
+        let who =
+            crate::identity::identify(conn.peer_certificates(), &policy_of.settings.trust_domain)
+                .map_err(|err| err.to_string())?;
+        // Only identities some rule asks for MFA may spend MFA budgets here.
+        let not_eligible = (!policy_of.policy.requires_mfa(&who.id)).then(|| {
+            format!(
+                "{} is not asked for MFA by any policy rule; step-up is for operators",
+                who.id
+            )
+        });
+        Ok(crate::stepup::StepUpIdentity {
+            id: who.id,
+            cert_sha256: who.cert_sha256,
+            serial_hex: who.serial_hex,
+            not_eligible,
+        })
     });
     let logger = sidecar.clone();
     let on_decision: crate::stepup::OnDecision =
@@ -738,6 +751,7 @@ fn spawn_stepup(
                 let conn_id = crate::identity::new_conn_id();
                 let mut entry = sidecar.entry(&conn_id, event.source, "stepup");
                 entry.spiffe_id = Some(event.id.to_string());
+                entry.cert_serial = Some(event.cert_serial.clone());
                 entry.decision = Some(if event.outcome.is_accepted() {
                     "allow"
                 } else {
@@ -748,6 +762,11 @@ fn spawn_stepup(
                 entry
                     .extra
                     .insert("cert_sha256".into(), hex::encode(event.cert_sha256).into());
+                if let Some(left) = event.locked_for {
+                    entry
+                        .extra
+                        .insert("lockout_s".into(), left.as_secs().max(1).into());
+                }
                 if let Some(age) = event.outcome.mfa_age_s() {
                     entry.extra.insert("mfa_age_s".into(), age.into());
                 }

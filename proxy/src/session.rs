@@ -1,8 +1,23 @@
 //! One client connection, end to end: front door, identity, policy decision, MFA step-up,
 //! the proxy's own upstream login, the decision line, and the relay.
 //!
-//! Nothing reaches PostgreSQL, and no AuthenticationOk reaches the client, until the
-//! decision that admits it is durably in the log.
+//! The order, and what PostgreSQL sees before the allow line is durable:
+//!
+//! 1. TLS, the client's certificate (its identity) and its startup message. PostgreSQL hears
+//!    nothing.
+//! 2. The policy decision and, for operators, the MFA step-up. A refusal is logged and the
+//!    client gets FATAL; PostgreSQL hears nothing.
+//! 3. The proxy's own login to PostgreSQL as the granted role: a connection, a startup
+//!    message with the forwarded parameters, the proxy's authentication, and the proxy's own
+//!    privilege check on that session (superuser-equivalence). PostgreSQL may log this login
+//!    and a backend exists for it, but it carries no byte the client sent except the
+//!    forwarded startup parameters.
+//! 4. A failed privilege check is logged as a refusal and the upstream session is ended
+//!    with Terminate.
+//! 5. The allow line, durably in the log (written and fsync'd). If it cannot be written, the
+//!    upstream session is ended and the client refused (57P03).
+//! 6. Only then does AuthenticationOk reach the client, and only then do the client's own
+//!    messages (including any it pipelined after the startup) reach PostgreSQL.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -31,6 +46,8 @@ use crate::startup::{self, Arrival, FrontDoor};
 #[derive(Default)]
 pub struct CertUsage {
     in_use: Mutex<HashMap<String, (IpAddr, usize)>>,
+    /// Sessions per SPIFFE ID, for `[limits] max_sessions_per_identity`.
+    by_identity: Mutex<HashMap<String, usize>>,
 }
 
 impl CertUsage {
@@ -66,6 +83,44 @@ impl Drop for CertUse {
             entry.1 = entry.1.saturating_sub(1);
             if entry.1 == 0 {
                 map.remove(&self.serial);
+            }
+        }
+    }
+}
+
+impl CertUsage {
+    /// A place among the sessions of `id`, or None when it already holds `max`.
+    fn acquire_identity(self: &Arc<Self>, id: &str, max: usize) -> Option<IdentitySession> {
+        let mut map = self.by_identity.lock().unwrap_or_else(|p| p.into_inner());
+        let count = map.entry(id.to_owned()).or_insert(0);
+        if *count >= max.max(1) {
+            return None;
+        }
+        *count += 1;
+        Some(IdentitySession {
+            usage: self.clone(),
+            id: id.to_owned(),
+        })
+    }
+}
+
+/// One session's place in its identity's `max_sessions_per_identity`, given back at its end.
+struct IdentitySession {
+    usage: Arc<CertUsage>,
+    id: String,
+}
+
+impl Drop for IdentitySession {
+    fn drop(&mut self) {
+        let mut map = self
+            .usage
+            .by_identity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = map.get_mut(&self.id) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                map.remove(&self.id);
             }
         }
     }
@@ -293,6 +348,18 @@ async fn admit_and_relay(
 
     let (cert_use, cert_elsewhere) = sidecar.cert_usage.acquire(&identity.serial_hex, peer.ip());
     let _cert_use = cert_use;
+    // One workload must not take all of PostgreSQL's max_connections: sessions being admitted
+    // count too, so a burst cannot overshoot.
+    let max_sessions = sidecar.settings.limits.max_sessions_per_identity;
+    let Some(_identity_session) = sidecar.cert_usage.acquire_identity(&id_text, max_sessions)
+    else {
+        entry.decision = Some("deny");
+        entry.reason = "identity_session_limit".into();
+        let message = format!(
+            "too many sessions for {id_text}: it already holds limits.max_sessions_per_identity = {max_sessions} (connection {conn_id})"
+        );
+        return refuse(&sidecar, &mut tls, entry, "53300", &message).await;
+    };
 
     let mut decision = decide(&sidecar, &identity, peer.ip(), &user, &database, false);
     let mut mfa_fields = Map::new();

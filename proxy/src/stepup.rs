@@ -2,9 +2,10 @@
 //! over the same mTLS client-identity rules as the PostgreSQL port. Also the client side that
 //! `eastwall mfa login` (and tests) use to fetch a token.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -31,14 +32,30 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections served at once; more wait in the kernel's accept queue.
 pub const MAX_CONNECTIONS: usize = 256;
+/// Connections one source (an IPv4 address, an IPv6 /64) may have open at once; more are
+/// closed at once, so one host cannot hold every slot. A step-up is one short request per
+/// operator: eight covers a bastion with several operators logging in together.
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 8;
 /// Largest response body the client reads.
 const MAX_RESPONSE: usize = 64 * 1024;
 
-/// Maps a finished TLS handshake to the client's identity and the SHA-256 of its leaf
-/// certificate (DER). The proxy supplies this with its SVID checks; an `Err` is a refusal
-/// (HTTP 403) whose text is shown to the client.
+/// Who is asking, from a finished TLS handshake.
+#[derive(Debug, Clone)]
+pub struct StepUpIdentity {
+    pub id: SpiffeId,
+    /// SHA-256 of the leaf certificate (DER): what a token is bound to.
+    pub cert_sha256: [u8; 32],
+    /// The certificate's serial in lowercase hex, as the CA's index and the CRL name it.
+    pub serial_hex: String,
+    /// Why this identity may not step up at all (no policy rule asks it for MFA), or None.
+    /// Such a request is refused (403) before any failure budget is charged.
+    pub not_eligible: Option<String>,
+}
+
+/// Maps a finished TLS handshake to the client's identity. The proxy supplies this with its
+/// SVID and policy checks; an `Err` is a refusal (HTTP 403) whose text is shown to the client.
 pub type Identify =
-    Arc<dyn Fn(&rustls::ServerConnection) -> Result<(SpiffeId, [u8; 32]), String> + Send + Sync>;
+    Arc<dyn Fn(&rustls::ServerConnection) -> Result<StepUpIdentity, String> + Send + Sync>;
 
 /// Records a decision (the proxy's audit log). An `Err` means it could not be recorded, and a
 /// token is then not handed out: decisions that cannot be logged are refused.
@@ -57,10 +74,13 @@ pub type OnDecision = Arc<
 pub struct StepUpEvent {
     pub id: SpiffeId,
     pub cert_sha256: [u8; 32],
+    pub cert_serial: String,
     pub source: SocketAddr,
     pub outcome: MfaOutcome,
     /// When the issued token expires, for accepted attempts.
     pub token_expires_at: Option<SystemTime>,
+    /// For a lockout: how much longer it holds.
+    pub locked_for: Option<Duration>,
 }
 
 #[derive(Deserialize)]
@@ -108,6 +128,7 @@ pub async fn serve(
         on_decision,
     });
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_source = SourceSlots::new(MAX_CONNECTIONS_PER_SOURCE);
     loop {
         // Wait for a free slot before accepting, so a flood queues in the kernel instead of
         // growing our memory.
@@ -123,11 +144,19 @@ pub async fn serve(
                 continue;
             }
         };
+        let Some(source_slot) = per_source.try_acquire(peer.ip()) else {
+            // Not logged at warn or in the decision log: a flood must not become a log flood.
+            tracing::debug!(peer = %peer, "step-up endpoint: too many connections from this source; closing");
+            drop(tcp);
+            drop(permit);
+            continue;
+        };
         let acceptor = tokio_rustls::TlsAcceptor::from(tls());
         let identify = identify.clone();
         let shared = shared.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let _source_slot = source_slot;
             let served = tokio::time::timeout(
                 CONNECTION_TIMEOUT,
                 serve_connection(tcp, peer, acceptor, identify, shared),
@@ -137,6 +166,52 @@ pub async fn serve(
                 tracing::debug!(peer = %peer, "step-up endpoint: connection timed out");
             }
         });
+    }
+}
+
+/// Open connections per source key, so one host cannot hold all [`MAX_CONNECTIONS`].
+struct SourceSlots {
+    max: usize,
+    counts: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl SourceSlots {
+    fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max: max.max(1),
+            counts: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
+        let key = crate::source::limiter_key(ip);
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(key).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(SourceSlot {
+            slots: self.clone(),
+            key,
+        })
+    }
+}
+
+struct SourceSlot {
+    slots: Arc<SourceSlots>,
+    key: IpAddr,
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut counts = self.slots.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.key) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&self.key);
+            }
+        }
     }
 }
 
@@ -194,7 +269,7 @@ fn error(status: StatusCode, error: &str, detail: Option<String>) -> Response<Fu
 async fn respond(
     req: Request<Incoming>,
     shared: &Shared,
-    who: &Result<(SpiffeId, [u8; 32]), String>,
+    who: &Result<StepUpIdentity, String>,
     peer: SocketAddr,
 ) -> Response<Full<Bytes>> {
     if req.uri().path() != STEPUP_PATH {
@@ -206,10 +281,11 @@ async fn respond(
             .insert(ALLOW, HeaderValue::from_static("POST"));
         return resp;
     }
-    let (id, cert_sha256) = match who {
+    let who = match who {
         Ok(who) => who,
         Err(why) => return error(StatusCode::FORBIDDEN, "identity", Some(why.clone())),
     };
+    let id = &who.id;
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)
@@ -232,23 +308,45 @@ async fn respond(
             Some(r#"expected a JSON body {"code":"123456"}"#.to_owned()),
         );
     };
+    // An identity that can never step up (no rule asks it for MFA, or it is not enrolled) is
+    // refused before anything is charged: it must not spend an operator's per-source budget.
+    let refusal = match &who.not_eligible {
+        Some(why) => Some(("not_eligible", why.clone())),
+        None if !shared.verifier.is_enrolled(id) => Some((
+            "not_enrolled",
+            format!(
+                "{id} is not enrolled for MFA; ask an administrator to run `eastwall mfa enroll`"
+            ),
+        )),
+        None => None,
+    };
     let now = SystemTime::now();
-    let outcome = shared
-        .verifier
-        .check_code(id, peer.ip(), &request.code, now);
+    let outcome = match refusal {
+        Some((reason, _)) => MfaOutcome::Rejected { reason },
+        None => shared
+            .verifier
+            .check_code(id, peer.ip(), &request.code, now),
+    };
     let token = outcome
         .is_accepted()
-        .then(|| shared.verifier.issue_token(id, cert_sha256, now));
+        .then(|| shared.verifier.issue_token(id, &who.cert_sha256, now));
     let event = StepUpEvent {
         id: id.clone(),
-        cert_sha256: *cert_sha256,
+        cert_sha256: who.cert_sha256,
+        cert_serial: who.serial_hex.clone(),
         source: peer,
         outcome,
         token_expires_at: token.as_ref().map(|t| t.expires_at),
+        locked_for: matches!(outcome, MfaOutcome::LockedOut { .. })
+            .then(|| shared.verifier.locked_for(id, peer.ip()))
+            .flatten(),
     };
     if let Err(why) = (shared.on_decision)(event).await {
         tracing::error!(error = %why, "step-up endpoint: decision not recorded; refusing");
         return error(StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable", None);
+    }
+    if let Some((reason, detail)) = refusal {
+        return error(StatusCode::FORBIDDEN, reason, Some(detail));
     }
     match (outcome, token) {
         (MfaOutcome::Accepted { .. }, Some(token)) => json_response(

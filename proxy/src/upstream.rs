@@ -13,7 +13,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use eastwall_config::{Secret, UpstreamLogin, UpstreamSettings, UpstreamTarget};
+use eastwall_config::{
+    FileStamp, PasswordSource, Secret, UpstreamLogin, UpstreamSettings, UpstreamTarget,
+};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
@@ -42,6 +44,11 @@ pub enum UpstreamError {
     NoCredential { role: String, why: String },
     #[error("upstream PostgreSQL broke the protocol: {0}")]
     Protocol(String),
+    /// In password mode the server said AuthenticationOk without a completed SCRAM exchange
+    /// whose server signature we checked: it never proved it knows the password, so it may be
+    /// anyone listening at the upstream address.
+    #[error("upstream at {target} accepted the login without proving it knows the password (no verified SCRAM exchange); refusing to send it any client data")]
+    Unauthenticated { target: String },
     #[error("upstream PostgreSQL connection failed: {0}")]
     Io(#[from] io::Error),
     #[error("upstream.server_name {0:?} is not a DNS name or IP address")]
@@ -139,7 +146,7 @@ pub struct Upstream {
 
 enum Method {
     Trust,
-    Scram(Credentials),
+    Scram(PasswordFile),
     Cert {
         cert_dir: PathBuf,
         ca: PathBuf,
@@ -154,6 +161,45 @@ enum Method {
 struct Credentials {
     by_role: HashMap<String, Secret>,
     fallback: Option<Secret>,
+}
+
+/// The password source and what was last read from it. The file is looked at (one `stat`) on
+/// every password login and read again when it changed, so a rotated password is used by the
+/// next login without a restart.
+struct PasswordFile {
+    source: PasswordSource,
+    current: Mutex<(Arc<Credentials>, Option<FileStamp>)>,
+}
+
+impl PasswordFile {
+    fn open(source: &PasswordSource) -> Result<PasswordFile, UpstreamError> {
+        let (secret, stamp) = source.read_stamped()?;
+        Ok(PasswordFile {
+            source: source.clone(),
+            current: Mutex::new((Arc::new(Credentials::parse(secret)), stamp)),
+        })
+    }
+
+    /// The credentials as the file holds them now. A changed file that cannot be used (made
+    /// readable by others, emptied, removed) fails this login: the error says what to fix,
+    /// and the next login tries again.
+    fn credentials(&self) -> Result<Arc<Credentials>, UpstreamError> {
+        let now = self.source.stamp();
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if now.is_some() && now == current.1 {
+            return Ok(current.0.clone());
+        }
+        if let PasswordSource::Env(_) = self.source {
+            return Ok(current.0.clone());
+        }
+        let (secret, stamp) = self.source.read_stamped().map_err(|err| {
+            tracing::error!(%err, "upstream password file changed but cannot be used");
+            err
+        })?;
+        tracing::info!("upstream password file changed; logins use the new contents");
+        *current = (Arc::new(Credentials::parse(secret)), stamp);
+        Ok(current.0.clone())
+    }
 }
 
 impl Credentials {
@@ -193,7 +239,7 @@ impl Upstream {
         let method = match &settings.login {
             UpstreamLogin::Trust => Method::Trust,
             UpstreamLogin::Password { user_secrets } => {
-                Method::Scram(Credentials::parse(user_secrets.read()?))
+                Method::Scram(PasswordFile::open(user_secrets)?)
             }
             UpstreamLogin::Cert {
                 cert_dir,
@@ -299,6 +345,8 @@ impl Upstream {
 
         let mut inbuf = BytesMut::with_capacity(1024);
         let mut scram: Option<ScramSha256> = None;
+        // Password mode trusts the server only after SCRAM's server signature checked out.
+        let mut server_proved_password = false;
         let mut parameters = Vec::new();
         let mut backend = None;
         let mut pending = BytesMut::new();
@@ -306,8 +354,21 @@ impl Upstream {
             let msg = read_message(&mut stream, &mut inbuf).await?;
             match msg.tag {
                 b'R' => match codec::parse_auth_request(&msg.body)? {
-                    AuthRequest::Ok => {}
+                    AuthRequest::Ok => {
+                        // trust means AuthenticationOk at once; cert mode verified the
+                        // server's certificate (verify-full) before any byte was sent.
+                        if let Method::Scram(_) = &self.method {
+                            if !server_proved_password {
+                                return Err(UpstreamError::Unauthenticated {
+                                    target: self.describe(),
+                                });
+                            }
+                        }
+                    }
                     AuthRequest::Sasl(mechanisms) => {
+                        if scram.is_some() {
+                            return Err(UpstreamError::Protocol("a second SASL start".into()));
+                        }
                         let secret = self.scram_secret(role)?;
                         if !mechanisms.iter().any(|m| m == "SCRAM-SHA-256") {
                             return Err(UpstreamError::UnsupportedAuth("an unknown SASL"));
@@ -345,6 +406,7 @@ impl Upstream {
                         client.finish(&data).map_err(|e| {
                             UpstreamError::Protocol(format!("SCRAM server proof: {e}"))
                         })?;
+                        server_proved_password = true;
                     }
                     AuthRequest::Cleartext => {
                         return Err(UpstreamError::UnsupportedAuth("cleartext password"))
@@ -393,16 +455,14 @@ impl Upstream {
         }
     }
 
-    fn scram_secret(&self, role: &str) -> Result<&Secret, UpstreamError> {
+    fn scram_secret(&self, role: &str) -> Result<Secret, UpstreamError> {
         match &self.method {
-            Method::Scram(credentials) => {
-                credentials
-                    .for_role(role)
-                    .ok_or_else(|| UpstreamError::NoCredential {
-                        role: role.to_owned(),
-                        why: "the password file has no line for it".into(),
-                    })
-            }
+            Method::Scram(file) => file.credentials()?.for_role(role).cloned().ok_or_else(|| {
+                UpstreamError::NoCredential {
+                    role: role.to_owned(),
+                    why: "the password file has no line for it".into(),
+                }
+            }),
             _ => Err(UpstreamError::UnsupportedAuth(
                 "SCRAM (set upstream.login = \"password\")",
             )),

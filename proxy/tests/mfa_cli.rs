@@ -275,7 +275,7 @@ fn client_tls(pki: &Pki, c: &Client) -> Arc<rustls::ClientConfig> {
 }
 
 /// The test's stand-in for the proxy's SVID checks: the URI SAN and the leaf's SHA-256.
-fn identify(conn: &rustls::ServerConnection) -> Result<(SpiffeId, [u8; 32]), String> {
+fn identify(conn: &rustls::ServerConnection) -> Result<stepup::StepUpIdentity, String> {
     let leaf = conn
         .peer_certificates()
         .and_then(|c| c.first())
@@ -296,7 +296,12 @@ fn identify(conn: &rustls::ServerConnection) -> Result<(SpiffeId, [u8; 32]), Str
         })
         .ok_or("no URI SAN")?;
     let id = SpiffeId::parse(uri).map_err(|e| e.to_string())?;
-    Ok((id, Sha256::digest(leaf.as_ref()).into()))
+    Ok(stepup::StepUpIdentity {
+        id,
+        cert_sha256: Sha256::digest(leaf.as_ref()).into(),
+        serial_hex: hex::encode(cert.raw_serial()),
+        not_eligible: None,
+    })
 }
 
 fn limits(max_failures: u32) -> Limits {

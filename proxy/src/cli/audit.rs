@@ -64,7 +64,7 @@ fn verify(files: Vec<PathBuf>) -> anyhow::Result<()> {
         if !continuing {
             if let Some((file, report)) = &before {
                 if report.first_prev != audit::GENESIS {
-                    println!(
+                    outln!(
                         "note: {} continues a rotated log whose last hash is {}; give the older file first to check the join",
                         file.display(),
                         report.first_prev
@@ -74,6 +74,6 @@ fn verify(files: Vec<PathBuf>) -> anyhow::Result<()> {
         }
     }
     let last = before.map(|(_, r)| r.last_hash).unwrap_or_default();
-    println!("ok: {lines} lines, chain intact (last hash {last})");
+    outln!("ok: {lines} lines, chain intact (last hash {last})");
     Ok(())
 }

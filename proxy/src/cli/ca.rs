@@ -1,7 +1,6 @@
 //! `eastwall ca`: create the trust-domain root, issue X.509-SVIDs, print the trust bundle,
 //! revoke certificates and re-sign the CRL.
 
-use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -116,7 +115,7 @@ fn init(a: InitArgs) -> anyhow::Result<()> {
         .with_context(|| format!("--trust-domain {:?}", a.trust_domain))?;
     let ttl = eastwall_ca::parse_duration(&a.ttl).context("--ttl")?;
     let ca = Ca::init(&a.dir, &td, ttl, a.force)?;
-    println!(
+    outln!(
         "created CA for trust domain {td} in {}: ca.pem (trust bundle), ca.key (private, 0600), crl.pem; valid until {}",
         a.dir.display(),
         rfc3339(ca.not_after())
@@ -153,7 +152,7 @@ fn issue(a: IssueArgs) -> anyhow::Result<()> {
     if let Some(key) = key {
         written.push_str(&format!(", {} (0600)", key.display()));
     }
-    println!(
+    outln!(
         "issued serial {} for {}, valid until {}: {written}",
         issued.serial_hex,
         req.id,
@@ -181,10 +180,7 @@ fn read_csr(path: &Path) -> anyhow::Result<String> {
 
 fn bundle(a: BundleArgs) -> anyhow::Result<()> {
     let ca = Ca::open(&a.dir)?;
-    let mut out = std::io::stdout().lock();
-    out.write_all(ca.bundle_pem().as_bytes())
-        .and_then(|()| out.flush())
-        .context("writing the bundle to stdout")?;
+    super::write_stdout_bytes(ca.bundle_pem().as_bytes());
     Ok(())
 }
 
@@ -198,9 +194,9 @@ fn revoke(a: RevokeArgs) -> anyhow::Result<()> {
     let ca = Ca::open(&a.dir)?;
     let serials = ca.revoke(&target)?;
     for serial in &serials {
-        println!("revoked serial {serial}");
+        outln!("revoked serial {serial}");
     }
-    println!(
+    outln!(
         "{} re-signed: {} revoked by this command; re-sign it with `eastwall ca crl` within 7 days",
         ca.crl_path().display(),
         serials.len()
@@ -211,7 +207,7 @@ fn revoke(a: RevokeArgs) -> anyhow::Result<()> {
 fn crl(a: CrlArgs) -> anyhow::Result<()> {
     let ca = Ca::open(&a.dir)?;
     let next_update = ca.refresh_crl()?;
-    println!(
+    outln!(
         "{} re-signed; next update {}",
         ca.crl_path().display(),
         rfc3339(next_update)

@@ -53,6 +53,13 @@ enum Command {
         #[arg(value_name = "SPIFFE_ID")]
         id: String,
     },
+    /// Clear an identity's MFA lockout (a running sidecar applies it within a few seconds).
+    Unlock {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(value_name = "SPIFFE_ID")]
+        id: String,
+    },
     /// Fetch a step-up token from a running sidecar and print only the token, for
     /// `export PGPASSWORD=$(eastwall mfa login ...)`.
     Login {
@@ -79,6 +86,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Command::Enroll { config, id, force } => enroll(&config, &id, force),
         Command::List { config } => list(&config),
         Command::Remove { config, id } => remove(&config, &id),
+        Command::Unlock { config, id } => unlock(&config, &id),
         Command::Login {
             url,
             cert,
@@ -120,14 +128,14 @@ fn enroll(config_path: &Path, id: &str, force: bool) -> anyhow::Result<()> {
         .light_color(Dense1x2::Dark)
         .quiet_zone(true)
         .build();
-    println!("Enrolled {id} for TOTP (SHA-1, 6 digits, 30 s).");
-    println!("Scan this QR code with an authenticator app, or add the URI by hand:");
-    println!();
-    println!("{qr}");
-    println!();
-    println!("{}", enrollment.otpauth_uri);
-    println!("secret (base32): {}", enrollment.secret_b32);
-    println!(
+    outln!("Enrolled {id} for TOTP (SHA-1, 6 digits, 30 s).");
+    outln!("Scan this QR code with an authenticator app, or add the URI by hand:");
+    outln!();
+    outln!("{qr}");
+    outln!();
+    outln!("{}", enrollment.otpauth_uri);
+    outln!("secret (base32): {}", enrollment.secret_b32);
+    outln!(
         "This secret is shown once; it is stored in {}.",
         secrets.display()
     );
@@ -161,7 +169,7 @@ fn list(config_path: &Path) -> anyhow::Result<()> {
     }
     for (id, at) in entries {
         let at = at.format(&Rfc3339).unwrap_or_default();
-        println!("{id}\t{at}");
+        outln!("{id}\t{at}");
     }
     Ok(())
 }
@@ -170,7 +178,17 @@ fn remove(config_path: &Path, id: &str) -> anyhow::Result<()> {
     let config = load_config(config_path)?;
     let id = parse_id(&config, id)?;
     SecretStore::remove(&config.settings.mfa.secrets, &id)?;
-    println!("Removed {id}'s TOTP secret.");
+    outln!("Removed {id}'s TOTP secret.");
+    Ok(())
+}
+
+fn unlock(config_path: &Path, id: &str) -> anyhow::Result<()> {
+    let config = load_config(config_path)?;
+    let id = parse_id(&config, id)?;
+    SecretStore::unlock(&config.settings.mfa.secrets, &id)?;
+    outln!(
+        "Cleared {id}'s MFA lockout; a running sidecar applies it within a few seconds (its source address keeps its own budget)."
+    );
     Ok(())
 }
 
@@ -197,7 +215,7 @@ fn login(
         &code,
         LOGIN_TIMEOUT,
     ))?;
-    println!("{}", answer.token);
+    outln!("{}", answer.token);
     if std::io::stderr().is_terminal() {
         eprintln!("eastwall: step-up token valid until {}", answer.expires_at);
     }

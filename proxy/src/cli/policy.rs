@@ -81,22 +81,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 mfa_roles: Some(&crate::server::mfa_roles(&config.settings, &config.policy)),
             };
             let (decision, trace) = eastwall_config::explain(&config.policy, &req);
-            println!("decision: {}", decision.verdict.as_str());
+            outln!("decision: {}", decision.verdict.as_str());
             match &decision.rule {
-                Some(rule) => println!("rule: {rule}"),
-                None => println!("rule: none (default action DENY)"),
+                Some(rule) => outln!("rule: {rule}"),
+                None => outln!("rule: none (default action DENY)"),
             }
-            println!("reason: {}", decision.reason);
-            println!("alert: {}", if decision.alert { "yes" } else { "no" });
+            outln!("reason: {}", decision.reason);
+            outln!("alert: {}", if decision.alert { "yes" } else { "no" });
             if let Some(group) = &decision.mfa_group {
-                println!("mfa group: {group}");
+                outln!("mfa group: {group}");
             }
             if decision.role_named_by_rule {
-                println!("role named by rule: yes (a superuser role would be admitted)");
+                outln!("role named by rule: yes (a superuser role would be admitted)");
             }
-            println!("trace:");
+            outln!("trace:");
             for line in trace {
-                println!("  {line}");
+                outln!("  {line}");
             }
             Ok(())
         }
@@ -145,7 +145,7 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     } else {
         format!(" ({})", kinds.join(", "))
     };
-    println!(
+    outln!(
         "ok: {}: {}{kinds}, {}, {}; guards {}:{}",
         policy.file(),
         plural(policy.rule_count(), "rule", "rules"),

@@ -41,26 +41,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let layout = quickstart::quickstart(&opts)?;
     let dir = layout.dir.display();
-    println!("Eastwall sidecar laid out in {dir}");
-    println!("  config:  {}", layout.config.display());
-    println!("  policy:  {dir}/policy.ew (the seed's zero-trust policy)");
-    println!("  CA:      {dir}/ca (trust bundle ca.pem, CRL crl.pem)");
+    outln!("Eastwall sidecar laid out in {dir}");
+    outln!("  config:  {}", layout.config.display());
+    outln!("  policy:  {dir}/policy.ew (the seed's zero-trust policy)");
+    outln!("  CA:      {dir}/ca (trust bundle ca.pem, CRL crl.pem)");
     for who in &layout.identities {
-        println!("  {:<15} {}  ({})", who.name, who.id, who.cert.display());
+        outln!("  {:<15} {}  ({})", who.name, who.id, who.cert.display());
     }
-    println!("  alice's TOTP secret: {dir}/mfa/alice.totp");
-    println!();
-    println!("PostgreSQL needs the roles {}:", layout.roles.join(", "));
+    outln!("  alice's TOTP secret: {dir}/mfa/alice.totp");
+    outln!();
+    outln!("PostgreSQL needs the roles {}:", layout.roles.join(", "));
     for role in &layout.roles {
         match &layout.upstream_password {
-            Some(pw) => println!("  CREATE ROLE {role} LOGIN PASSWORD '{pw}';"),
-            None => println!("  CREATE ROLE {role} LOGIN;"),
+            Some(pw) => outln!("  CREATE ROLE {role} LOGIN PASSWORD '{pw}';"),
+            None => outln!("  CREATE ROLE {role} LOGIN;"),
         }
     }
-    println!();
-    println!("Start the sidecar:");
-    println!("  eastwall proxy --config {}", layout.config.display());
-    println!("Then try, through the proxy:");
+    outln!();
+    outln!("Start the sidecar:");
+    outln!("  eastwall proxy --config {}", layout.config.display());
+    outln!("Then try, through the proxy:");
     for (name, role, note) in [
         ("billing", "billing", "allowed: app segment, its own role"),
         (
@@ -75,8 +75,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ),
     ] {
         if let Some(who) = layout.identity(name) {
-            println!("  # {note}");
-            println!(
+            outln!("  # {note}");
+            outln!(
                 "  {}",
                 quickstart::psql_command(&layout, who, opts.listen, role)
             );

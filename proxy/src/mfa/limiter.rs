@@ -1,41 +1,49 @@
-//! Failure budgets for MFA answers: a governor keyed limiter charged only on failures, plus a
-//! small table of keys whose budget is spent, so a locked key is refused *before* its answer
-//! is checked (a right code does not unlock it).
+//! Failure budgets for MFA answers: a budget per key charged only on failures (GCRA: `max`
+//! failures, refilled evenly over `window`), and locks that escalate. A locked key is refused
+//! *before* its answer is checked (a right code does not unlock it).
+//!
+//! The first time a key spends its budget it is locked for one failure's worth of refill
+//! (`window / max`, 45 s by default). Each further trip within [`ESCALATION_MEMORY`] of the
+//! previous one locks for `window`, then twice that, and so on up to [`MAX_LOCKOUT`]: a guesser
+//! gets about `max` tries per `MAX_LOCKOUT` once escalated, not `max` per `window`. A day
+//! without a trip forgets the escalation. Time is passed in, so tests drive the clock.
 
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
-use std::num::NonZeroU32;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use governor::clock::DefaultClock;
-use governor::middleware::StateInformationMiddleware;
-use governor::state::keyed::DashMapStateStore;
-use governor::{Quota, RateLimiter};
-
-type Keyed<K> = RateLimiter<K, DashMapStateStore<K>, DefaultClock, StateInformationMiddleware>;
+/// How long a trip is remembered for escalation.
+pub(crate) const ESCALATION_MEMORY: Duration = Duration::from_secs(24 * 3600);
+/// The longest lock an escalation reaches.
+pub(crate) const MAX_LOCKOUT: Duration = Duration::from_secs(8 * 3600);
 
 /// What charging one failure did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Charge {
     /// Counted; budget left.
     Counted,
-    /// This failure spent the budget: the key is locked from now on. `first` is false when the
-    /// same key already tripped within the last window (so one attacker makes one alert).
+    /// This failure spent the budget: the key is locked from now on. `first` is true when this
+    /// failure started a new lock (the proxy raises an alert then); false for a failure that
+    /// raced past a lock already in force.
     Tripped { first: bool },
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Lock {
-    until: Instant,
-    alerted_at: Instant,
+struct State {
+    /// GCRA theoretical arrival time: the budget is full when `tat <= now`, and `tat - now` is
+    /// how much of the window the failures so far have used.
+    tat: Instant,
+    locked_until: Option<Instant>,
+    /// Trips in a row, each within `ESCALATION_MEMORY` of the one before.
+    trips: u32,
+    last_trip: Option<Instant>,
 }
 
-/// A failure budget per key: `max` failures, refilled evenly over `window` (GCRA).
+/// A failure budget per key, with escalating locks.
 pub(crate) struct FailureLimiter<K: Hash + Eq + Clone> {
-    limiter: Keyed<K>,
-    locks: Mutex<HashMap<K, Lock>>,
+    states: Mutex<HashMap<K, State>>,
     /// Time for one failure's worth of budget to come back.
     cell: Duration,
     window: Duration,
@@ -43,75 +51,104 @@ pub(crate) struct FailureLimiter<K: Hash + Eq + Clone> {
 
 impl<K: Hash + Eq + Clone> FailureLimiter<K> {
     pub(crate) fn new(max: u32, window: Duration) -> Self {
-        let max = NonZeroU32::new(max).unwrap_or(NonZeroU32::MIN);
+        let max = max.max(1);
         // A zero window would mean "no limit"; a second is the least we accept.
         let window = window.max(Duration::from_secs(1));
-        let cell = (window / max.get()).max(Duration::from_nanos(1));
-        let quota = Quota::with_period(cell)
-            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
-            .allow_burst(max);
+        let cell = (window / max).max(Duration::from_nanos(1));
         Self {
-            limiter: RateLimiter::dashmap(quota).with_middleware::<StateInformationMiddleware>(),
-            locks: Mutex::new(HashMap::new()),
+            states: Mutex::new(HashMap::new()),
             cell,
             window,
         }
     }
 
-    fn locks(&self) -> std::sync::MutexGuard<'_, HashMap<K, Lock>> {
+    fn states(&self) -> std::sync::MutexGuard<'_, HashMap<K, State>> {
         // A panic elsewhere while holding this lock leaves the map consistent (single inserts
         // and removes), so keep using it rather than failing every later check.
-        self.locks.lock().unwrap_or_else(|e| e.into_inner())
+        self.states.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How long trip number `trips` (1-based, in a row) locks the key.
+    fn lockout(&self, trips: u32) -> Duration {
+        if trips <= 1 {
+            return self.cell;
+        }
+        let doublings = (trips - 2).min(30);
+        self.window
+            .checked_mul(1u32 << doublings)
+            .unwrap_or(MAX_LOCKOUT)
+            .min(MAX_LOCKOUT)
+            .max(self.cell)
     }
 
     /// Whether `key` has spent its budget and may not try again yet.
     pub(crate) fn is_locked(&self, key: &K, now: Instant) -> bool {
-        self.locks().get(key).is_some_and(|l| now < l.until)
+        self.locked_for(key, now).is_some()
+    }
+
+    /// How much longer `key` is locked, if it is.
+    pub(crate) fn locked_for(&self, key: &K, now: Instant) -> Option<Duration> {
+        self.states()
+            .get(key)
+            .and_then(|s| s.locked_until)
+            .filter(|until| now < *until)
+            .map(|until| until.saturating_duration_since(now))
     }
 
     /// Records one failure for `key`.
     pub(crate) fn charge(&self, key: &K, now: Instant) -> Charge {
-        let spent = match self.limiter.check_key(key) {
-            Ok(snapshot) => snapshot.remaining_burst_capacity() == 0,
-            // Two failures racing past `is_locked` at once: the later one finds it spent.
-            Err(_) => true,
-        };
-        if !spent {
+        let mut states = self.states();
+        let state = states.entry(key.clone()).or_insert(State {
+            tat: now,
+            locked_until: None,
+            trips: 0,
+            last_trip: None,
+        });
+        let base = if state.tat > now { state.tat } else { now };
+        state.tat = base.checked_add(self.cell).unwrap_or(base);
+        let used = state.tat.saturating_duration_since(now);
+        // Spent when no whole failure's worth of budget is left after this one.
+        if used.saturating_add(self.cell) <= self.window {
             return Charge::Counted;
         }
-        let mut locks = self.locks();
-        let first = locks
-            .get(key)
-            .is_none_or(|l| now.saturating_duration_since(l.alerted_at) >= self.window);
-        let alerted_at = match locks.get(key) {
-            Some(l) if !first => l.alerted_at,
-            _ => now,
+        if state.locked_until.is_some_and(|until| now < until) {
+            // Raced past `is_locked` while a lock holds: no new lock, no new alert.
+            return Charge::Tripped { first: false };
+        }
+        let in_a_row = state
+            .last_trip
+            .is_some_and(|t| now.saturating_duration_since(t) < ESCALATION_MEMORY);
+        state.trips = if in_a_row {
+            state.trips.saturating_add(1)
+        } else {
+            1
         };
-        locks.insert(
-            key.clone(),
-            Lock {
-                // GCRA frees one failure's worth of budget after `cell`; until then even a
-                // right answer is refused.
-                until: now.checked_add(self.cell).unwrap_or(now),
-                alerted_at,
-            },
-        );
-        Charge::Tripped { first }
+        state.last_trip = Some(now);
+        let lock = self.lockout(state.trips);
+        state.locked_until = Some(now.checked_add(lock).unwrap_or(now));
+        Charge::Tripped { first: true }
     }
 
-    /// Forgets keys whose budget is full again and whose alert window has passed.
+    /// Forgets everything about `key`: a full budget, no lock, no escalation.
+    pub(crate) fn clear(&self, key: &K) {
+        self.states().remove(key);
+    }
+
+    /// Forgets keys whose budget is full again, that are not locked, and whose last trip is
+    /// too old to escalate.
     pub(crate) fn retain_recent(&self, now: Instant) {
-        self.limiter.retain_recent();
-        self.limiter.shrink_to_fit();
-        self.locks().retain(|_, l| {
-            now < l.until || now.saturating_duration_since(l.alerted_at) < self.window
+        self.states().retain(|_, s| {
+            now < s.tat
+                || s.locked_until.is_some_and(|u| now < u)
+                || s.last_trip
+                    .is_some_and(|t| now.saturating_duration_since(t) < ESCALATION_MEMORY)
         });
     }
 
     /// Keys tracked.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.limiter.len() + self.locks().len()
+        self.states().len()
     }
 }
 
@@ -139,6 +176,72 @@ mod tests {
     }
 
     #[test]
+    fn repeated_trips_escalate_to_long_lockouts_then_are_forgotten() {
+        // The defaults: 20 failures per 15 minutes.
+        let window = Duration::from_secs(900);
+        let lim = FailureLimiter::<u32>::new(20, window);
+        let t0 = Instant::now();
+        let mut now = t0;
+        let spend = |lim: &FailureLimiter<u32>, now: Instant| {
+            let mut n = 0;
+            loop {
+                n += 1;
+                if let Charge::Tripped { first } = lim.charge(&1, now) {
+                    assert!(first, "a new lock raises an alert");
+                    return n;
+                }
+            }
+        };
+        assert_eq!(spend(&lim, now), 20);
+        // First trip: the old 45 s rate.
+        assert_eq!(lim.locked_for(&1, now), Some(Duration::from_secs(45)));
+        now += Duration::from_secs(45);
+        assert!(!lim.is_locked(&1, now));
+        // One more wrong guess trips again: now a real lockout of a whole window.
+        assert_eq!(spend(&lim, now), 1);
+        assert_eq!(lim.locked_for(&1, now), Some(window));
+        // Each further trip within a day doubles it, up to MAX_LOCKOUT.
+        let mut expected = window;
+        let mut guesses_in_a_day = 21;
+        loop {
+            now += lim.locked_for(&1, now).unwrap();
+            assert!(!lim.is_locked(&1, now));
+            guesses_in_a_day += spend(&lim, now);
+            expected = (expected * 2).min(MAX_LOCKOUT);
+            assert_eq!(lim.locked_for(&1, now), Some(expected));
+            if expected == MAX_LOCKOUT {
+                break;
+            }
+        }
+        // 15m, 30m, 1h, 2h, 4h, 8h: by the cap, about 120 guesses in the first ~16 hours
+        // instead of 80 an hour.
+        assert!(now - t0 < ESCALATION_MEMORY, "{:?}", now - t0);
+        assert!(guesses_in_a_day <= 130, "{guesses_in_a_day}");
+        // Stays at the cap.
+        now += MAX_LOCKOUT;
+        spend(&lim, now);
+        assert_eq!(lim.locked_for(&1, now), Some(MAX_LOCKOUT));
+        // A day without a trip forgets the escalation: the next trip is a first trip again.
+        now += MAX_LOCKOUT + ESCALATION_MEMORY;
+        lim.retain_recent(now);
+        assert_eq!(lim.len(), 0);
+        assert_eq!(spend(&lim, now), 20);
+        assert_eq!(lim.locked_for(&1, now), Some(Duration::from_secs(45)));
+    }
+
+    #[test]
+    fn a_race_during_a_lock_does_not_escalate() {
+        let lim = FailureLimiter::<u32>::new(2, Duration::from_secs(20));
+        let now = Instant::now();
+        lim.charge(&1, now);
+        assert_eq!(lim.charge(&1, now), Charge::Tripped { first: true });
+        for _ in 0..5 {
+            assert_eq!(lim.charge(&1, now), Charge::Tripped { first: false });
+        }
+        assert_eq!(lim.locked_for(&1, now), Some(Duration::from_secs(10)));
+    }
+
+    #[test]
     fn a_lock_ends_when_budget_comes_back() {
         let lim = FailureLimiter::<u32>::new(2, Duration::from_secs(20));
         let now = Instant::now();
@@ -157,10 +260,9 @@ mod tests {
             assert_eq!(lim.charge(&k, now), Charge::Counted);
         }
         assert_eq!(lim.len(), 1000);
-        lim.retain_recent(Instant::now());
+        lim.retain_recent(now);
         assert_eq!(lim.len(), 1000, "fresh failures are remembered");
-        std::thread::sleep(Duration::from_millis(350));
-        lim.retain_recent(Instant::now());
+        lim.retain_recent(now + Duration::from_millis(350));
         assert_eq!(lim.len(), 0);
     }
 

@@ -25,7 +25,8 @@ use std::time::{Duration, Instant, SystemTime};
 use eastwall_ca::SpiffeId;
 use subtle::ConstantTimeEq;
 
-use limiter::{source_key, Charge, FailureLimiter};
+pub(crate) use limiter::source_key;
+use limiter::{Charge, FailureLimiter};
 pub use store::{otpauth_uri, Enrollment, SecretStore};
 pub use token::{StepUpToken, TokenKey, TOKEN_PREFIX};
 
@@ -67,7 +68,8 @@ pub enum MfaOutcome {
     /// `bad_token`, `expired_token`, `token_other_cert`.
     Rejected { reason: &'static str },
     /// Refuse without looking at the answer: this identity or source spent its failure budget.
-    /// `first` is true for the failure that tripped the lock; the proxy writes an alert then.
+    /// `first` is true for the failure that started a lock (the first, or a longer one when
+    /// the key trips again within a day); the proxy writes an alert then.
     LockedOut { first: bool },
 }
 
@@ -166,8 +168,24 @@ impl Verifier {
 
     /// Swaps in a re-read secrets file (after `eastwall mfa enroll` or `remove`), keeping
     /// limits and the replay cache.
+    /// An identity an administrator unlocked (`eastwall mfa unlock`) or re-enrolled since the
+    /// last read starts again with a full budget and no lock.
     pub fn replace_store(&self, store: SecretStore) {
-        *self.store.write().unwrap_or_else(|e| e.into_inner()) = store;
+        let mut current = self.store.write().unwrap_or_else(|e| e.into_inner());
+        for id in current.reset_between(&store) {
+            tracing::info!(spiffe_id = %id, "MFA lockout cleared by an administrator");
+            self.by_id.clear(&id);
+        }
+        *current = store;
+    }
+
+    /// Whether `id` has a TOTP secret enrolled.
+    pub fn is_enrolled(&self, id: &SpiffeId) -> bool {
+        self.store
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .secret(id)
+            .is_some()
     }
 
     /// Checks what a client typed at the password prompt: a 6-digit TOTP code or a step-up
@@ -198,6 +216,14 @@ impl Verifier {
         now: SystemTime,
     ) -> MfaOutcome {
         self.limited(id, source, || self.verify_code(id, code, now))
+    }
+
+    /// How much longer `id` or `source` (whichever is longer) stays locked out, if at all.
+    pub fn locked_for(&self, id: &SpiffeId, source: IpAddr) -> Option<Duration> {
+        let now = Instant::now();
+        let by_id = self.by_id.locked_for(id, now);
+        let by_source = self.by_source.locked_for(&source_key(source), now);
+        by_id.max(by_source)
     }
 
     /// Signs a step-up token for `id` and the certificate it presented, valid for `max_age`.
@@ -250,7 +276,14 @@ impl Verifier {
             return MfaOutcome::LockedOut { first: false };
         }
         let outcome = verify();
-        if outcome.is_accepted() {
+        // Nothing to guess for an identity with no secret: charging it would only let anyone
+        // spend the budget of the address an operator shares.
+        if outcome.is_accepted()
+            || outcome
+                == (MfaOutcome::Rejected {
+                    reason: "not_enrolled",
+                })
+        {
             return outcome;
         }
         let id_charge = self.by_id.charge(id, mono);

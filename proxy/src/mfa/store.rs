@@ -28,6 +28,9 @@ const MAX_FILE_LEN: u64 = 16 * 1024 * 1024;
 struct EntryFile {
     secret_b32: String,
     enrolled_at: String,
+    /// When an administrator last cleared this identity's lockout (`eastwall mfa unlock`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    unlocked_at: Option<String>,
 }
 
 #[derive(Clone)]
@@ -35,6 +38,7 @@ struct Entry {
     secret: Vec<u8>,
     secret_b32: String,
     enrolled_at: OffsetDateTime,
+    unlocked_at: Option<OffsetDateTime>,
 }
 
 /// Enrolled operators and their TOTP secrets.
@@ -108,12 +112,18 @@ impl SecretStore {
             }
             let enrolled_at = OffsetDateTime::parse(&entry.enrolled_at, &Rfc3339)
                 .map_err(|e| bad(format!("{key}: enrolled_at is not RFC 3339: {e}")))?;
+            let unlocked_at = entry
+                .unlocked_at
+                .map(|t| OffsetDateTime::parse(&t, &Rfc3339))
+                .transpose()
+                .map_err(|e| bad(format!("{key}: unlocked_at is not RFC 3339: {e}")))?;
             entries.insert(
                 id,
                 Entry {
                     secret,
                     secret_b32: entry.secret_b32,
                     enrolled_at,
+                    unlocked_at,
                 },
             );
         }
@@ -137,6 +147,7 @@ impl SecretStore {
                             .enrolled_at
                             .format(&Rfc3339)
                             .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned()),
+                        unlocked_at: e.unlocked_at.and_then(|t| t.format(&Rfc3339).ok()),
                     },
                 )
             })
@@ -182,6 +193,7 @@ impl SecretStore {
                 secret,
                 secret_b32: secret_b32.clone(),
                 enrolled_at,
+                unlocked_at: None,
             },
         );
         store.save(path)?;
@@ -198,6 +210,32 @@ impl SecretStore {
             return Err(MfaError::NotEnrolled(id.clone()));
         }
         store.save(path)
+    }
+
+    /// Clears `id`'s MFA lockout: records the time in the file, and a running sidecar that
+    /// re-reads it (every few seconds) forgets the identity's failures and lock.
+    pub fn unlock(path: &Path, id: &SpiffeId) -> Result<(), MfaError> {
+        let mut store = Self::load(path)?;
+        let Some(entry) = store.entries.get_mut(id) else {
+            return Err(MfaError::NotEnrolled(id.clone()));
+        };
+        // Nanoseconds kept: two unlocks in one second must both be seen as changes.
+        entry.unlocked_at = Some(OffsetDateTime::now_utc());
+        store.save(path)
+    }
+
+    /// Identities whose lock an administrator cleared, or whose secret changed (re-enrolled),
+    /// between `self` (the file as it was) and `next`.
+    pub(crate) fn reset_between(&self, next: &SecretStore) -> Vec<SpiffeId> {
+        next.entries
+            .iter()
+            .filter(|(id, new)| {
+                self.entries.get(*id).is_some_and(|old| {
+                    old.unlocked_at != new.unlocked_at || old.secret_b32 != new.secret_b32
+                })
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// Enrolled identities and when each was enrolled, in ID order.

@@ -160,7 +160,40 @@ fn twenty_wrong_codes_lock_the_identity_even_for_the_right_code() {
 
 #[test]
 fn one_source_spraying_many_identities_is_locked_by_address() {
-    let f = Fixture::new(2);
+    // The sprayed identities are enrolled operators: only they have budgets to spend.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mfa.json");
+    for id in [alice(), bob()] {
+        SecretStore::enroll(&path, &id, false).unwrap();
+    }
+    for n in 0..20u32 {
+        let id = SpiffeId::parse(&format!("spiffe://corp.example/app/operators/u{n}")).unwrap();
+        SecretStore::enroll(&path, &id, false).unwrap();
+    }
+    let store = SecretStore::load(&path).unwrap();
+    let f = Fixture {
+        verifier: Verifier::with_limits(
+            store,
+            TokenKey::generate(),
+            Limits {
+                max_age: Duration::from_secs(300),
+                max_failures: 2,
+                failure_window: Duration::from_secs(600),
+            },
+        ),
+        secrets: {
+            // Re-read alice's new secret so `code` below matches this store.
+            let text = std::fs::read_to_string(&path).unwrap();
+            let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let mut secrets = HashMap::new();
+            for id in [alice(), bob()] {
+                let b32 = json[id.as_str()]["secret_b32"].as_str().unwrap().to_owned();
+                secrets.insert(id, totp_rs::Secret::Encoded(b32).to_bytes().unwrap());
+            }
+            secrets
+        },
+        _dir: dir,
+    };
     let mut locked_at = None;
     for n in 0..100u32 {
         let id = SpiffeId::parse(&format!("spiffe://corp.example/app/operators/u{n}")).unwrap();
@@ -183,6 +216,57 @@ fn one_source_spraying_many_identities_is_locked_by_address() {
     assert_eq!(
         f.verifier
             .check(&alice(), &CERT_A, ip("10.0.0.2"), &code, t0()),
+        TOTP_OK
+    );
+}
+
+#[test]
+fn an_administrator_unlock_clears_the_lock_and_its_escalation() {
+    let f = Fixture::new(2);
+    let path = f._dir.path().join("mfa.json");
+    let right = f.code(&alice(), t0());
+    let wrong = format!("{:06}", (right.parse::<u32>().unwrap() + 1) % 1_000_000);
+    f.check(&alice(), &wrong, t0());
+    assert_eq!(
+        f.check(&alice(), &wrong, t0()),
+        MfaOutcome::LockedOut { first: true }
+    );
+    assert_eq!(
+        f.check(&alice(), &right, t0()),
+        MfaOutcome::LockedOut { first: false }
+    );
+    // Re-reading an unchanged file changes nothing.
+    f.verifier.replace_store(SecretStore::load(&path).unwrap());
+    assert_eq!(
+        f.check(&alice(), &right, t0()),
+        MfaOutcome::LockedOut { first: false }
+    );
+    SecretStore::unlock(&path, &alice()).unwrap();
+    f.verifier.replace_store(SecretStore::load(&path).unwrap());
+    assert_eq!(f.check(&alice(), &right, t0()), TOTP_OK);
+    assert!(matches!(
+        SecretStore::unlock(&path, &SpiffeId::parse("spiffe://corp.example/x").unwrap()),
+        Err(MfaError::NotEnrolled(_))
+    ));
+}
+
+#[test]
+fn identities_that_are_not_enrolled_spend_no_budget() {
+    // The attack: any workload with a certificate (billing, a laptop) sends wrong codes from
+    // the address an operator shares, to lock that address out.
+    let f = Fixture::new(2);
+    for n in 0..200u32 {
+        let id = SpiffeId::parse(&format!("spiffe://corp.example/app/u{n}")).unwrap();
+        assert_eq!(
+            f.verifier
+                .check(&id, &CERT_A, ip("10.9.9.9"), "000000", t0()),
+            rejected("not_enrolled")
+        );
+    }
+    let code = f.code(&alice(), t0());
+    assert_eq!(
+        f.verifier
+            .check(&alice(), &CERT_A, ip("10.9.9.9"), &code, t0()),
         TOTP_OK
     );
 }
