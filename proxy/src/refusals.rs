@@ -29,8 +29,11 @@ pub const BURST: u64 = 10;
 pub const GLOBAL_BURST: u64 = 200;
 /// Sources tracked at once; more are counted together under source `"*"`.
 pub const MAX_SOURCES: usize = 1024;
-/// Longest attacker-chosen string (user, database, detail, SNI...) in an unauthenticated line.
+/// Longest attacker-chosen string (user, database, SNI...) in an unauthenticated line.
 pub const UNAUTHENTICATED_FIELD_BYTES: usize = 64;
+/// The cap on the `detail` of an unauthenticated line: Eastwall's own error text, which may
+/// quote a little of the client's, bounded like every other field.
+pub const UNAUTHENTICATED_DETAIL_BYTES: usize = 256;
 
 /// What to do with one refusal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

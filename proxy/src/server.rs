@@ -422,9 +422,16 @@ fn cap_unauthenticated(entry: &mut Entry) {
     {
         cut |= refusals::cap_in_place(field, max);
     }
-    for value in entry.extra.values_mut() {
+    for (key, value) in entry.extra.iter_mut() {
         if let serde_json::Value::String(s) = value {
-            cut |= refusals::cap_in_place(s, max);
+            // `detail` is Eastwall's own explanation (a TLS or SVID error); it may quote a
+            // little of what the client sent, so it is capped too, but with room to say why.
+            let limit = if key == "detail" {
+                refusals::UNAUTHENTICATED_DETAIL_BYTES
+            } else {
+                max
+            };
+            cut |= refusals::cap_in_place(s, limit);
         }
     }
     if cut {
