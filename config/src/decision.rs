@@ -319,7 +319,10 @@ fn evaluate(policy: &Policy, req: &Request, mut trace: Option<&mut Vec<String>>)
             }
         }
         if mfa.is_none() {
-            if let Some(protection) = req.mfa_roles.and_then(|roles| roles.get(req.user)) {
+            if let Some(protection) = req
+                .mfa_roles
+                .and_then(|roles| roles.protecting(req.user, req.database))
+            {
                 if let Some(t) = trace.as_deref_mut() {
                     t.push(format!(
                         "role {:?} is protected by mfa({}) at {}: no grant without MFA",

@@ -25,44 +25,92 @@ pub struct Protection {
     pub rule: RuleRef,
     /// How the rule grants it: "named by `as:`" or "the default role of …".
     pub how: String,
+    /// The databases the rule grants it on; empty means every database.
+    pub databases: Vec<String>,
+}
+
+impl Protection {
+    fn covers(&self, database: &str) -> bool {
+        self.databases.is_empty() || self.databases.iter().any(|d| d == database)
+    }
 }
 
 /// The protected roles of one policy, for the segment a sidecar guards.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MfaRoles {
-    by_role: HashMap<String, Protection>,
+    by_role: HashMap<String, Vec<Protection>>,
 }
 
 impl MfaRoles {
-    /// What protects `role`, if anything.
+    /// What protects `role` on `database`, if anything.
+    pub fn protecting(&self, role: &str, database: &str) -> Option<&Protection> {
+        self.by_role.get(role)?.iter().find(|p| p.covers(database))
+    }
+
+    /// Whether `role` is protected on any database.
     pub fn get(&self, role: &str) -> Option<&Protection> {
-        self.by_role.get(role)
+        self.by_role.get(role)?.first()
     }
 
     pub fn is_empty(&self) -> bool {
         self.by_role.is_empty()
     }
 
-    /// Every protected role, in name order.
+    /// The roles protected on `database`, in name order: a session that did not step up must
+    /// not be able to become any of them.
+    pub fn roles_for(&self, database: &str) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .by_role
+            .iter()
+            .filter(|(_, ps)| ps.iter().any(|p| p.covers(database)))
+            .map(|(r, _)| r.as_str())
+            .collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// Every protection, in role order.
     pub fn roles(&self) -> Vec<(&str, &Protection)> {
-        let mut all: Vec<_> = self.by_role.iter().map(|(r, p)| (r.as_str(), p)).collect();
+        let mut all: Vec<_> = self
+            .by_role
+            .iter()
+            .flat_map(|(r, ps)| ps.iter().map(move |p| (r.as_str(), p)))
+            .collect();
         all.sort_by(|a, b| a.0.cmp(b.0));
         all
     }
 
+    /// Adds every protection of `other`: enrollments come and go (an operator not yet enrolled,
+    /// or removed), but a role once protected stays protected for the life of the process.
+    pub fn absorb(&mut self, other: &MfaRoles) {
+        for (role, protection) in other.roles() {
+            self.add(role, protection.clone());
+        }
+    }
+
+    fn add(&mut self, role: &str, protection: Protection) {
+        let list = self.by_role.entry(role.to_owned()).or_default();
+        if !list.contains(&protection) {
+            list.push(protection);
+        }
+    }
+
     fn protect(&mut self, role: &str, group: &str, rule: &Rule, how: String) {
-        self.by_role
-            .entry(role.to_owned())
-            .or_insert_with(|| Protection {
-                group: group.to_owned(),
-                rule: rule.at.clone(),
-                how,
-            });
+        let protection = Protection {
+            group: group.to_owned(),
+            rule: rule.at.clone(),
+            how,
+            databases: rule.databases.iter().map(|d| d.to_string()).collect(),
+        };
+        self.add(role, protection);
     }
 }
 
-fn guards(rule: &Rule, segment: &str) -> bool {
-    rule.to.iter().any(|t| &*t.segment == segment)
+/// Whether a rule reaches this sidecar: its segment, and its port when the rule names one.
+fn guards(rule: &Rule, segment: &str, port: u16) -> bool {
+    rule.to
+        .iter()
+        .any(|t| &*t.segment == segment && t.port.is_none_or(|p| p == port))
 }
 
 /// The ID a pattern names when it has no wildcard.
@@ -79,13 +127,14 @@ impl Policy {
     pub fn mfa_roles<'a>(
         &self,
         segment: &str,
+        port: u16,
         enrolled: impl IntoIterator<Item = &'a SpiffeId>,
     ) -> MfaRoles {
         let mut roles = MfaRoles::default();
         let mfa_rules: Vec<&Rule> = self
             .allows
             .iter()
-            .filter(|r| !r.mfa.is_empty() && guards(r, segment))
+            .filter(|r| !r.mfa.is_empty() && guards(r, segment, port))
             .collect();
         let mut members: Vec<SpiffeId> = enrolled.into_iter().cloned().collect();
         for rule in &mfa_rules {
@@ -98,6 +147,11 @@ impl Policy {
                 }
                 members.extend(set.patterns.iter().filter_map(exact_id));
             }
+            // An mfa rule's own `from: identity(..)` names a member too, enrolled or not.
+            members.extend(rule.from.iter().filter_map(|sel| match sel {
+                Selector::Identity(id) => Some(id.clone()),
+                _ => None,
+            }));
         }
         for id in &members {
             for rule in mfa_rules.iter().filter(|r| r.roles.is_empty()) {
@@ -115,10 +169,10 @@ impl Policy {
 
     /// Places where the policy grants a protected role without asking for MFA, one line each:
     /// `policy check` prints them, and the sidecar refuses such requests.
-    pub fn mfa_role_gaps(&self, segment: &str, roles: &MfaRoles) -> Vec<String> {
+    pub fn mfa_role_gaps(&self, segment: &str, port: u16, roles: &MfaRoles) -> Vec<String> {
         let mut gaps = Vec::new();
         for (role, protection) in roles.roles() {
-            for rule in self.allows.iter().filter(|r| guards(r, segment)) {
+            for rule in self.allows.iter().filter(|r| guards(r, segment, port)) {
                 if let Some(who) = grants_without_mfa(self, rule, role) {
                     gaps.push(format!(
                         "role {role:?} is protected by mfa({}) at {} ({}), but rule {} also grants it without MFA to {who}; Eastwall refuses those requests",

@@ -1,87 +1,189 @@
-//! Whether the role a session logged in as is superuser-equivalent, asked of PostgreSQL's own
-//! catalog on that session before any client byte reaches it.
+//! What the role a session logged in as can become, asked of PostgreSQL's own catalog on that
+//! session before any client byte reaches it.
 //!
-//! The `is_superuser` ParameterStatus follows the *current* role, which a client can change at
-//! startup (`options=-c role=…`, now refused) or later (`SET ROLE`), so it says nothing about
-//! what the session may become. The catalog does: a role is superuser-equivalent when it is a
-//! superuser, or is a member (directly or through other roles, whatever INHERIT says, since
-//! `SET ROLE` needs only membership) of a superuser role or of `pg_execute_server_program`,
-//! `pg_read_server_files` or `pg_write_server_files` (each hands out the OS account
-//! `postgres`), or holds CREATEROLE before PostgreSQL 16 (which could grant itself those
-//! roles). Any doubt — an error, a missing row, an answer we cannot read — counts as
-//! superuser-equivalent: such roles need a rule that names them.
+//! The `is_superuser` ParameterStatus follows the *current* role, which a client can change
+//! (`SET ROLE`), so it says nothing about what the session may become. The catalog does. Every
+//! path below is judged through membership — `pg_has_role(…, 'MEMBER')`, direct or through
+//! other roles, whatever INHERIT says, since `SET ROLE` needs only membership:
+//!
+//! - superuser-equivalent: a superuser role; `pg_execute_server_program`,
+//!   `pg_read_server_files`, `pg_write_server_files` (each hands out the OS account
+//!   `postgres`); `pg_read_all_data` / `pg_write_all_data` (the password hashes in
+//!   `pg_authid`); a role with REPLICATION (logical decoding shows every row); a role with
+//!   CREATEROLE before PostgreSQL 16 (it can grant itself any non-superuser role); a grant of
+//!   `ALTER SYSTEM`, or of `SET` on a non-user parameter (`archive_command`,
+//!   `session_preload_libraries`, … run code as `postgres`); EXECUTE granted on a built-in
+//!   that reads or writes server files or reloads the configuration (`lo_export`,
+//!   `pg_read_file`, `pg_file_write`, `dblink_connect_u`, …);
+//! - an MFA-protected role (see `eastwall_config::mfa_roles`): a session that did not step up
+//!   must not be able to `SET ROLE` into one.
+//!
+//! The check also reads back `session_user` and `current_database()`: with
+//! `db_user_namespace` PostgreSQL may log in as another name than the one the policy judged.
+//! Any doubt — an error, a missing row, an answer we cannot read, a timeout — is an error, and
+//! the caller refuses.
 
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::codec;
 use crate::upstream::UpstreamSession;
 
-/// The question, written so that the session's own settings cannot change its meaning: every
-/// object, function, operator and type is schema-qualified, because `search_path` is the
-/// client's to set (startup parameter, `ALTER ROLE … SET`) and could put a look-alike first.
-const QUERY: &str = "SELECT r.rolsuper, r.rolcreaterole, \
- EXISTS (SELECT 1 FROM pg_catalog.pg_roles s \
-   WHERE s.rolsuper AND pg_catalog.pg_has_role(session_user, s.oid, 'MEMBER')), \
- pg_catalog.pg_has_role(session_user, 'pg_execute_server_program'::pg_catalog.name, 'MEMBER'), \
- pg_catalog.pg_has_role(session_user, 'pg_read_server_files'::pg_catalog.name, 'MEMBER'), \
- pg_catalog.pg_has_role(session_user, 'pg_write_server_files'::pg_catalog.name, 'MEMBER'), \
- pg_catalog.current_setting('server_version_num') \
- FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) session_user";
+/// Built-ins that read or write server files, run code or reload the configuration; EXECUTE
+/// on any of them (beyond its default, which is superuser only) is superuser-equivalent.
+const DANGEROUS_FUNCTIONS: &[&str] = &[
+    "lo_import",
+    "lo_export",
+    "pg_read_file",
+    "pg_read_binary_file",
+    "pg_ls_dir",
+    "pg_stat_file",
+    "pg_file_write",
+    "pg_file_rename",
+    "pg_file_unlink",
+    "pg_file_sync",
+    "pg_reload_conf",
+    "dblink_connect_u",
+];
 
 /// What the catalog says about the session's login role.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Privilege {
-    /// None of the superuser-equivalent paths is open.
-    Ordinary,
-    /// Superuser-equivalent, and why (for the log and the client's message).
-    SuperuserEquivalent(String),
+pub struct Report {
+    /// Why the role is superuser-equivalent, if it is.
+    pub superuser: Option<String>,
+    /// The MFA-protected roles it is a member of (comma-separated), if any.
+    pub protected_member: Option<String>,
+    /// The session's user and database as PostgreSQL has them.
+    pub session_user: String,
+    pub database: String,
 }
 
-/// Asks the catalog on `session` (right after login, before the client is relayed). Never
-/// fails: whatever stops the question from being answered is an answer of "superuser".
-pub async fn check(session: &mut UpstreamSession, timeout: Duration) -> Privilege {
-    match tokio::time::timeout(timeout, ask(session)).await {
-        Ok(Ok(privilege)) => privilege,
-        Ok(Err(why)) => Privilege::SuperuserEquivalent(format!(
+/// Asks the catalog on `session` (right after login, before the client is relayed), with
+/// `protected` the roles MFA protects. An error means the answer is unknown: refuse.
+pub async fn check(
+    session: &mut UpstreamSession,
+    timeout: Duration,
+    protected: &[&str],
+) -> Result<Report, String> {
+    let major = server_major(&session.parameters)
+        .ok_or("PostgreSQL did not report a server_version it can be judged by")?;
+    let sql = query(major, protected);
+    match tokio::time::timeout(timeout, ask(session, &sql)).await {
+        Ok(Ok(row)) => judge(&row, major),
+        Ok(Err(why)) => Err(format!(
             "the role's privileges could not be checked ({why})"
         )),
-        Err(_) => Privilege::SuperuserEquivalent(format!(
+        Err(_) => Err(format!(
             "the role's privileges could not be checked within {timeout:?}"
         )),
     }
 }
 
-async fn ask(session: &mut UpstreamSession) -> Result<Privilege, String> {
+/// The major version from the `server_version` ParameterStatus (`15.18 (Debian …)`).
+fn server_major(parameters: &[(String, String)]) -> Option<u32> {
+    let (_, version) = parameters.iter().find(|(k, _)| k == "server_version")?;
+    let digits: String = version.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// An SQL string literal that means `text` whatever `standard_conforming_strings` says.
+fn literal(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 3);
+    out.push_str("E'");
+    for c in text.chars() {
+        match c {
+            '\'' => out.push_str("''"),
+            '\\' => out.push_str("\\\\"),
+            '\0' => {}
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+fn name_array(names: &[&str]) -> String {
+    if names.is_empty() {
+        return "ARRAY[]::pg_catalog.name[]".into();
+    }
+    let items: Vec<String> = names.iter().map(|n| literal(n)).collect();
+    format!("ARRAY[{}]::pg_catalog.name[]", items.join(", "))
+}
+
+/// The question, written so that the session's own settings cannot change its meaning: every
+/// object, function, operator and type is schema-qualified, because `search_path` is the
+/// client's to set (startup parameter, `ALTER ROLE … SET`) and could put a look-alike first.
+fn query(major: u32, protected: &[&str]) -> String {
+    let member = |role: &str| {
+        format!("pg_catalog.pg_has_role(session_user, '{role}'::pg_catalog.name, 'MEMBER')")
+    };
+    let member_with = |attribute: &str| {
+        format!(
+            "EXISTS (SELECT 1 FROM pg_catalog.pg_roles c WHERE c.{attribute} \
+             AND pg_catalog.pg_has_role(session_user, c.oid, 'MEMBER'))"
+        )
+    };
+    let all_data = if major >= 14 {
+        format!(
+            "{} OR {}",
+            member("pg_read_all_data"),
+            member("pg_write_all_data")
+        )
+    } else {
+        "false".into()
+    };
+    let parameters = if major >= 15 {
+        "EXISTS (SELECT 1 FROM pg_catalog.pg_parameter_acl a \
+           WHERE pg_catalog.has_parameter_privilege(session_user, a.parname, 'ALTER SYSTEM') \
+              OR (pg_catalog.has_parameter_privilege(session_user, a.parname, 'SET') \
+                  AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_settings g \
+                    WHERE g.name OPERATOR(pg_catalog.=) a.parname \
+                      AND g.context OPERATOR(pg_catalog.=) 'user')))"
+            .to_owned()
+    } else {
+        "false".into()
+    };
+    let functions = format!(
+        "EXISTS (SELECT 1 FROM pg_catalog.pg_proc p \
+           WHERE p.proname OPERATOR(pg_catalog.=) ANY ({}) AND p.proacl IS NOT NULL \
+             AND pg_catalog.has_function_privilege(session_user, p.oid, 'EXECUTE'))",
+        name_array(DANGEROUS_FUNCTIONS)
+    );
+    let protected = format!(
+        "(SELECT pg_catalog.string_agg(p.rolname::pg_catalog.text, ',') FROM pg_catalog.pg_roles p \
+           WHERE p.rolname OPERATOR(pg_catalog.=) ANY ({}) \
+             AND pg_catalog.pg_has_role(session_user, p.oid, 'MEMBER'))",
+        name_array(protected)
+    );
+    format!(
+        "SELECT r.rolsuper, {super_member}, {exec}, {read}, {write}, {all_data}, {createrole}, \
+         {replication}, {parameters}, {functions}, {protected}, \
+         session_user::pg_catalog.text, pg_catalog.current_database()::pg_catalog.text \
+         FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) session_user",
+        super_member = member_with("rolsuper"),
+        exec = member("pg_execute_server_program"),
+        read = member("pg_read_server_files"),
+        write = member("pg_write_server_files"),
+        createrole = member_with("rolcreaterole"),
+        replication = member_with("rolreplication"),
+    )
+}
+
+async fn ask(session: &mut UpstreamSession, sql: &str) -> Result<Vec<Option<Bytes>>, String> {
     let mut out = BytesMut::new();
-    codec::put_query(&mut out, QUERY);
+    codec::put_query(&mut out, sql);
     session
         .stream
         .write_all(&out)
         .await
         .map_err(|e| e.to_string())?;
     let mut buf = BytesMut::with_capacity(512);
-    let mut row: Option<Vec<Option<bytes::Bytes>>> = None;
+    let mut row: Option<Vec<Option<Bytes>>> = None;
     let mut failed: Option<String> = None;
     loop {
-        let msg = loop {
-            if let Some(msg) = codec::decode_message(&mut buf, codec::MAX_LOGIN_MESSAGE_LEN)
-                .map_err(|e| e.to_string())?
-            {
-                break msg;
-            }
-            if session
-                .stream
-                .read_buf(&mut buf)
-                .await
-                .map_err(|e| e.to_string())?
-                == 0
-            {
-                return Err("PostgreSQL closed the connection".into());
-            }
-        };
+        let msg = next_message(session, &mut buf).await?;
         match msg.tag {
             b'T' | b'C' => {}
             b'D' if row.is_none() => {
@@ -96,107 +198,211 @@ async fn ask(session: &mut UpstreamSession) -> Result<Privilege, String> {
             b'N' | b'S' | b'A' => codec::put_raw(&mut session.pending, &msg),
             b'Z' => {
                 session.transaction_status = msg.body.first().copied().unwrap_or(b'I');
-                if !buf.is_empty() {
-                    return Err("data after ReadyForQuery".into());
-                }
                 break;
             }
             other => return Err(format!("unexpected message {:?}", other as char)),
         }
     }
+    // Whole asynchronous messages that arrived in the same read go to the client too; a
+    // partial one cannot be handed on, so that is an error (fail closed).
+    while let Some(msg) =
+        codec::decode_message(&mut buf, codec::MAX_LOGIN_MESSAGE_LEN).map_err(|e| e.to_string())?
+    {
+        match msg.tag {
+            b'N' | b'S' | b'A' => codec::put_raw(&mut session.pending, &msg),
+            other => {
+                return Err(format!(
+                    "unexpected message {:?} after the answer",
+                    other as char
+                ))
+            }
+        }
+    }
+    if !buf.is_empty() {
+        return Err("a partial message after the answer".into());
+    }
     if let Some(why) = failed {
         return Err(why);
     }
-    let row = row.ok_or("no catalog row for the session user")?;
-    judge(&row)
+    row.ok_or_else(|| "no catalog row for the session user".into())
+}
+
+async fn next_message(
+    session: &mut UpstreamSession,
+    buf: &mut BytesMut,
+) -> Result<codec::Message, String> {
+    loop {
+        if let Some(msg) =
+            codec::decode_message(buf, codec::MAX_LOGIN_MESSAGE_LEN).map_err(|e| e.to_string())?
+        {
+            return Ok(msg);
+        }
+        if session
+            .stream
+            .read_buf(buf)
+            .await
+            .map_err(|e| e.to_string())?
+            == 0
+        {
+            return Err("PostgreSQL closed the connection".into());
+        }
+    }
 }
 
 /// Reads the one row the query returns.
-fn judge(row: &[Option<bytes::Bytes>]) -> Result<Privilege, String> {
+fn judge(row: &[Option<Bytes>], major: u32) -> Result<Report, String> {
+    const COLUMNS: usize = 13;
+    if row.len() != COLUMNS {
+        return Err(format!("{} columns, expected {COLUMNS}", row.len()));
+    }
     let flag = |i: usize| -> Result<bool, String> {
-        match row.get(i).and_then(|v| v.as_deref()) {
+        match row[i].as_deref() {
             Some(b"t") => Ok(true),
             Some(b"f") => Ok(false),
             _ => Err(format!("column {i} is not a boolean")),
         }
     };
-    if row.len() != 7 {
-        return Err(format!("{} columns, expected 7", row.len()));
-    }
-    let version: u32 = row[6]
-        .as_deref()
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .and_then(|v| v.parse().ok())
-        .ok_or("server_version_num is not a number")?;
+    let text = |i: usize| -> Result<Option<String>, String> {
+        row[i]
+            .as_deref()
+            .map(|v| String::from_utf8(v.to_vec()).map_err(|_| format!("column {i} is not UTF-8")))
+            .transpose()
+    };
     let reasons = [
         (flag(0)?, "it is a superuser"),
-        (flag(2)?, "it is a member of a superuser role"),
-        (flag(3)?, "it is a member of pg_execute_server_program"),
-        (flag(4)?, "it is a member of pg_read_server_files"),
-        (flag(5)?, "it is a member of pg_write_server_files"),
+        (flag(1)?, "it is a member of a superuser role"),
+        (flag(2)?, "it is a member of pg_execute_server_program"),
+        (flag(3)?, "it is a member of pg_read_server_files"),
+        (flag(4)?, "it is a member of pg_write_server_files"),
         (
-            flag(1)? && version < 160_000,
-            "it has CREATEROLE, which before PostgreSQL 16 can grant itself any non-superuser role",
+            flag(5)?,
+            "it is a member of pg_read_all_data or pg_write_all_data",
+        ),
+        (
+            flag(6)? && major < 16,
+            "it has CREATEROLE (itself or through a role it belongs to), which before PostgreSQL 16 can grant itself any non-superuser role",
+        ),
+        (
+            flag(7)?,
+            "it has REPLICATION (itself or through a role it belongs to)",
+        ),
+        (
+            flag(8)?,
+            "it holds ALTER SYSTEM, or SET on a parameter only superusers may set",
+        ),
+        (
+            flag(9)?,
+            "it may execute a built-in that reads or writes server files or reloads the configuration",
         ),
     ];
-    Ok(reasons
+    let superuser = reasons
         .iter()
         .find(|(holds, _)| *holds)
-        .map_or(Privilege::Ordinary, |(_, why)| {
-            Privilege::SuperuserEquivalent((*why).to_owned())
-        }))
+        .map(|(_, why)| (*why).to_owned());
+    Ok(Report {
+        superuser,
+        protected_member: text(10)?,
+        session_user: text(11)?.ok_or("no session_user")?,
+        database: text(12)?.ok_or("no current_database")?,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn row(values: &[&str]) -> Vec<Option<bytes::Bytes>> {
+    fn row(values: &[Option<&str>]) -> Vec<Option<Bytes>> {
         values
             .iter()
-            .map(|v| Some(bytes::Bytes::copy_from_slice(v.as_bytes())))
+            .map(|v| v.map(|v| Bytes::copy_from_slice(v.as_bytes())))
             .collect()
+    }
+
+    fn ordinary() -> Vec<Option<&'static str>> {
+        let mut v = vec![Some("f"); 10];
+        v.extend([None, Some("billing"), Some("billing")]);
+        v
     }
 
     #[test]
     fn an_ordinary_role_is_ordinary() {
-        let r = row(&["f", "f", "f", "f", "f", "f", "150004"]);
-        assert_eq!(judge(&r), Ok(Privilege::Ordinary));
+        let report = judge(&row(&ordinary()), 15).unwrap();
+        assert_eq!(report.superuser, None);
+        assert_eq!(report.protected_member, None);
+        assert_eq!(report.session_user, "billing");
     }
 
     #[test]
     fn each_path_to_superuser_is_named() {
         for (i, needle) in [
             (0, "superuser"),
-            (2, "member of a superuser role"),
-            (3, "pg_execute_server_program"),
-            (4, "pg_read_server_files"),
-            (5, "pg_write_server_files"),
+            (1, "member of a superuser role"),
+            (2, "pg_execute_server_program"),
+            (3, "pg_read_server_files"),
+            (4, "pg_write_server_files"),
+            (5, "pg_read_all_data"),
+            (7, "REPLICATION"),
+            (8, "ALTER SYSTEM"),
+            (9, "built-in"),
         ] {
-            let mut values = vec!["f"; 6];
-            values[i] = "t";
-            values.push("150004");
-            match judge(&row(&values)) {
-                Ok(Privilege::SuperuserEquivalent(why)) => assert!(why.contains(needle), "{why}"),
-                other => panic!("column {i}: {other:?}"),
-            }
+            let mut values = ordinary();
+            values[i] = Some("t");
+            let report = judge(&row(&values), 16).unwrap();
+            let why = report.superuser.unwrap_or_default();
+            assert!(why.contains(needle), "column {i}: {why}");
         }
     }
 
     #[test]
     fn createrole_counts_only_before_16() {
-        let old = row(&["f", "t", "f", "f", "f", "f", "150004"]);
-        assert!(matches!(judge(&old), Ok(Privilege::SuperuserEquivalent(_))));
-        let new = row(&["f", "t", "f", "f", "f", "f", "160001"]);
-        assert_eq!(judge(&new), Ok(Privilege::Ordinary));
+        let mut values = ordinary();
+        values[6] = Some("t");
+        assert!(judge(&row(&values), 15).unwrap().superuser.is_some());
+        assert!(judge(&row(&values), 16).unwrap().superuser.is_none());
+    }
+
+    #[test]
+    fn protected_membership_is_reported() {
+        let mut values = ordinary();
+        values[10] = Some("dba,alice");
+        let report = judge(&row(&values), 15).unwrap();
+        assert_eq!(report.protected_member.as_deref(), Some("dba,alice"));
     }
 
     #[test]
     fn an_unreadable_answer_is_an_error_not_ordinary() {
-        assert!(judge(&row(&["f"; 6])).is_err());
-        assert!(judge(&row(&["x", "f", "f", "f", "f", "f", "150004"])).is_err());
-        let mut nulls = row(&["f", "f", "f", "f", "f", "f", "150004"]);
-        nulls[3] = None;
-        assert!(judge(&nulls).is_err());
+        assert!(judge(&row(&[Some("f"); 6]), 15).is_err());
+        let mut values = ordinary();
+        values[0] = Some("x");
+        assert!(judge(&row(&values), 15).is_err());
+        let mut values = ordinary();
+        values[3] = None;
+        assert!(judge(&row(&values), 15).is_err());
+        let mut values = ordinary();
+        values[11] = None;
+        assert!(judge(&row(&values), 15).is_err());
+    }
+
+    #[test]
+    fn literals_survive_quotes_and_backslashes_whatever_the_settings() {
+        assert_eq!(literal("a'b\\c"), "E'a''b\\\\c'");
+        assert_eq!(name_array(&[]), "ARRAY[]::pg_catalog.name[]");
+    }
+
+    #[test]
+    fn the_major_version_comes_from_server_version() {
+        let p = |v: &str| vec![("server_version".to_owned(), v.to_owned())];
+        assert_eq!(server_major(&p("15.18 (Debian 15.18-0+deb12u1)")), Some(15));
+        assert_eq!(server_major(&p("17devel")), Some(17));
+        assert_eq!(server_major(&p("")), None);
+        assert_eq!(server_major(&[]), None);
+    }
+
+    #[test]
+    fn the_query_gates_version_specific_catalogs() {
+        assert!(!query(13, &[]).contains("pg_read_all_data"));
+        assert!(!query(14, &[]).contains("pg_parameter_acl"));
+        assert!(query(15, &["dba"]).contains("pg_parameter_acl"));
+        assert!(query(15, &["dba"]).contains("E'dba'"));
     }
 }

@@ -404,7 +404,7 @@ pub fn mfa_roles(settings: &Settings, policy: &Policy) -> MfaRoles {
             .map(|store| store.list().into_iter().map(|(id, _)| id).collect())
             .unwrap_or_default()
     };
-    policy.mfa_roles(&settings.guards, &enrolled)
+    policy.mfa_roles(&settings.guards, settings.service_port, &enrolled)
 }
 
 /// Caps every string a client could have chosen in an unauthenticated line and marks the
@@ -659,8 +659,15 @@ fn spawn_upkeep(sidecar: Arc<Sidecar>, mut stop: watch::Receiver<bool>) {
                     if let Some(verifier) = &sidecar.mfa {
                         if let Ok(store) = SecretStore::load(&sidecar.settings.mfa.secrets) {
                             let enrolled: Vec<SpiffeId> = store.list().into_iter().map(|(id, _)| id).collect();
-                            let roles = sidecar.policy.mfa_roles(&sidecar.settings.guards, &enrolled);
-                            *sidecar.mfa_roles.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(roles);
+                            let fresh = sidecar.policy.mfa_roles(&sidecar.settings.guards, sidecar.settings.service_port, &enrolled);
+                            let mut roles = sidecar.mfa_roles.write().unwrap_or_else(|p| p.into_inner());
+                            // Protection only grows: an operator removed (or a secrets file
+                            // briefly missing) must not reopen their role to look-alikes.
+                            let mut grown = (**roles).clone();
+                            grown.absorb(&fresh);
+                            if grown != **roles {
+                                *roles = Arc::new(grown);
+                            }
                             verifier.replace_store(store);
                         }
                     }
@@ -883,11 +890,14 @@ mod tests {
             reason: "no_tls".into(),
             ..Entry::default()
         };
-        entry.extra.insert("detail".into(), "d".repeat(100).into());
+        entry.extra.insert("detail".into(), "d".repeat(1000).into());
+        entry.extra.insert("sni".into(), "s".repeat(100).into());
         cap_unauthenticated(&mut entry);
         assert_eq!(entry.db_user.as_deref().map(str::len), Some(64));
         assert_eq!(entry.database.as_deref().map(str::len), Some(64));
-        assert_eq!(entry.extra["detail"].as_str().map(str::len), Some(64));
+        assert_eq!(entry.extra["sni"].as_str().map(str::len), Some(64));
+        // Our own explanation keeps room to say why, and is still bounded.
+        assert_eq!(entry.extra["detail"].as_str().map(str::len), Some(256));
         assert_eq!(entry.extra["truncated"], true);
         assert_eq!(entry.reason, "no_tls", "our own reason is not touched");
 

@@ -36,7 +36,7 @@ use crate::cancel::{BackendKey, CancelLookup};
 use crate::codec::{self, Severity};
 use crate::identity::{self, PeerIdentity};
 use crate::mfa::MfaOutcome;
-use crate::privilege::{self, Privilege};
+use crate::privilege;
 use crate::relay;
 use crate::server::{Sidecar, StartupSlot};
 use crate::startup::{self, Arrival, FrontDoor};
@@ -450,20 +450,23 @@ async fn admit_and_relay(
             return;
         }
     };
-    // A role named by an `as:` line may be anything, superuser included; any other role is
-    // asked of the catalog, since the session could later become whatever it is a member of.
-    if !decision.role_named_by_rule {
-        let timeout = sidecar.settings.upstream.connect_timeout;
-        if let Privilege::SuperuserEquivalent(why) = privilege::check(&mut session, timeout).await {
-            entry.decision = Some("deny");
-            entry.reason = "superuser_role".into();
-            entry.extra.insert("detail".into(), json!(why));
-            let _ = terminate(&mut session.stream).await;
-            let message = format!(
-                "role {user:?} is superuser-equivalent ({why}); no policy rule grants it by name to {id_text} (connection {conn_id})"
-            );
-            return refuse(&sidecar, &mut tls, entry, "28000", &message).await;
-        }
+    if let Err(refusal) = check_privileges(
+        &sidecar,
+        &mut session,
+        &decision,
+        &user,
+        &database,
+        &id_text,
+        &conn_id,
+    )
+    .await
+    {
+        let (reason, detail, message) = refusal;
+        entry.decision = Some("deny");
+        entry.reason = reason.into();
+        entry.extra.insert("detail".into(), json!(detail));
+        let _ = terminate(&mut session.stream).await;
+        return refuse(&sidecar, &mut tls, entry, "28000", &message).await;
     }
 
     // Fail closed: without a durable allow line, nobody is admitted.
@@ -556,6 +559,63 @@ async fn admit_and_relay(
     if let Err(err) = sidecar.audit.record(end).await {
         tracing::error!(conn.id = %conn_id, %err, "could not log session end");
     }
+}
+
+/// What the session's login role can become, from the catalog (see [`privilege`]): a role
+/// named by an `as:` line may be anything, superuser included; any other superuser-equivalent
+/// role is refused; a session that did not step up must not be able to become a role MFA
+/// protects; and PostgreSQL must have logged in as exactly the user and database judged.
+/// A refusal is (reason, detail, client message).
+async fn check_privileges(
+    sidecar: &Sidecar,
+    session: &mut crate::upstream::UpstreamSession,
+    decision: &Decision,
+    user: &str,
+    database: &str,
+    id_text: &str,
+    conn_id: &str,
+) -> Result<(), (&'static str, String, String)> {
+    let roles = sidecar
+        .mfa_roles
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let stepped_up = decision.mfa_group.is_some();
+    let protected: Vec<&str> = if stepped_up {
+        Vec::new()
+    } else {
+        roles.roles_for(database)
+    };
+    let timeout = sidecar.settings.upstream.connect_timeout;
+    let report = match privilege::check(session, timeout, &protected).await {
+        Ok(report) => report,
+        Err(why) => {
+            let message = format!("role {user:?} cannot be admitted: {why} (connection {conn_id})");
+            return Err(("privilege_check_failed", why, message));
+        }
+    };
+    if report.session_user != user || report.database != database {
+        let why = format!(
+            "PostgreSQL logged in as user {:?} to database {:?}, not the {user:?} and {database:?} judged (db_user_namespace?)",
+            report.session_user, report.database
+        );
+        let message = format!("{why} (connection {conn_id})");
+        return Err(("name_mismatch", why, message));
+    }
+    if let Some(why) = report.superuser.filter(|_| !decision.role_named_by_rule) {
+        let message = format!(
+            "role {user:?} is superuser-equivalent ({why}); no policy rule grants it by name to {id_text} (connection {conn_id})"
+        );
+        return Err(("superuser_role", why, message));
+    }
+    if let Some(protected) = report.protected_member {
+        let why = format!(
+            "role {user:?} is a member of {protected}, which an mfa(...) rule protects; it could SET ROLE to it without MFA"
+        );
+        let message = format!("{why} (connection {conn_id})");
+        return Err(("mfa_protected_role", why, message));
+    }
+    Ok(())
 }
 
 /// What ends this session besides its client and server: a revocation of its certificate

@@ -137,6 +137,35 @@ async fn membership_in_server_file_roles_or_a_superuser_role_is_superuser() -> a
             "superuser role",
             "revoke root_grp from billing; alter role billing inherit",
         ),
+        // The hostile review's finding: CREATEROLE through a group, then SET ROLE and GRANT.
+        (
+            "create role admins nologin createrole; grant admins to billing",
+            "CREATEROLE",
+            "revoke admins from billing",
+        ),
+        // pg_authid's password hashes.
+        (
+            "grant pg_read_all_data to billing",
+            "pg_read_all_data",
+            "revoke pg_read_all_data from billing",
+        ),
+        // archive_command runs as the OS user postgres.
+        (
+            "grant alter system on parameter archive_command to billing",
+            "ALTER SYSTEM",
+            "revoke alter system on parameter archive_command from billing",
+        ),
+        // lo_export writes any file as postgres.
+        (
+            "grant execute on function lo_export(oid, text) to billing",
+            "built-in",
+            "revoke execute on function lo_export(oid, text) from billing",
+        ),
+        (
+            "alter role billing replication",
+            "REPLICATION",
+            "alter role billing noreplication",
+        ),
     ];
     for (grant, why, revoke) in cases {
         sql(&d, grant)?;
@@ -334,4 +363,23 @@ async fn an_operators_role_is_not_reachable_through_a_lookalike_identity() -> an
         "{stderr}"
     );
     Ok(())
+}
+
+#[tokio::test]
+async fn a_member_of_an_mfa_protected_role_cannot_skip_mfa() -> anyhow::Result<()> {
+    let d = Deployment::start(SidecarOptions::default()).await?;
+    // alice is an enrolled operator, so role alice is MFA-protected; billing, a member of it,
+    // could SET ROLE alice without ever stepping up.
+    sql(&d, "grant alice to billing")?;
+    let err = d
+        .connect("billing", "billing")
+        .await
+        .err()
+        .ok_or_else(|| anyhow!("billing admitted while it can become alice"))?;
+    let db = err.as_db_error().expect("a FATAL from the proxy");
+    assert_eq!(db.code().code(), "28000");
+    assert!(db.message().contains("alice"), "{}", db.message());
+    assert_eq!(with_reason(&d, "mfa_protected_role")?.len(), 1);
+    sql(&d, "revoke alice from billing")?;
+    assert_still_serves(&d).await
 }

@@ -156,7 +156,7 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     );
     // Not errors (the sidecar refuses these requests), but the author should know.
     let roles = crate::server::mfa_roles(settings, policy);
-    for gap in policy.mfa_role_gaps(&settings.guards, &roles) {
+    for gap in policy.mfa_role_gaps(&settings.guards, settings.service_port, &roles) {
         eprintln!("warning: {gap}");
     }
     Ok(())
