@@ -6,7 +6,9 @@
 //!   write succeeded and PostgreSQL accepts a TCP (or Unix) connection (checked at most every
 //!   [`REACH_TTL`], never a PostgreSQL session); 503 with one line per failing check
 //!   otherwise, and 503 while the sidecar drains.
-//! * `GET /metrics` → the Prometheus exposition ([`crate::metrics`]).
+//! * `GET /metrics` → the Prometheus exposition ([`crate::metrics`]): OpenMetrics 1.0 text
+//!   when the request's `Accept` names `application/openmetrics-text` (Prometheus does),
+//!   the classic text format 0.0.4 otherwise (curl, `promtool check metrics`).
 //!
 //! `HEAD` is answered like `GET` without a body; any other method on those paths is 405,
 //! any other path 404. No administrative verb (sessions, kill, locks, reload) is served here,
@@ -29,7 +31,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ACCEPT, ALLOW, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
@@ -50,8 +52,8 @@ pub const REACH_TTL: Duration = Duration::from_secs(3);
 
 /// What the listener asks of the running sidecar.
 pub trait Health: Send + Sync + 'static {
-    /// The Prometheus exposition.
-    fn metrics(&self) -> String;
+    /// The Prometheus exposition: OpenMetrics text, or the classic 0.0.4 text format.
+    fn metrics(&self, openmetrics: bool) -> String;
     /// The failing readiness checks, one line each; empty when ready.
     fn not_ready(&self) -> Pin<Box<dyn Future<Output = Vec<String>> + Send + '_>>;
 }
@@ -150,11 +152,16 @@ async fn respond(req: Request<Incoming>, health: &dyn Health) -> Response<Full<B
             }
         }
         _ => {
-            let mut resp = Response::new(Full::new(Bytes::from(health.metrics())));
-            resp.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
-            );
+            let openmetrics = wants_openmetrics(req.headers());
+            let content_type = if openmetrics {
+                crate::metrics::CONTENT_TYPE
+            } else {
+                crate::metrics::CLASSIC_CONTENT_TYPE
+            };
+            let mut resp = Response::new(Full::new(Bytes::from(health.metrics(openmetrics))));
+            let headers = resp.headers_mut();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+            headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
             resp
         }
     };
@@ -162,6 +169,17 @@ async fn respond(req: Request<Incoming>, health: &dyn Health) -> Response<Full<B
         *resp.body_mut() = Full::new(Bytes::new());
     }
     resp
+}
+
+/// Whether the client's `Accept` names OpenMetrics (Prometheus lists it first, with a q).
+fn wants_openmetrics(headers: &hyper::HeaderMap) -> bool {
+    const OPENMETRICS: &[u8] = b"application/openmetrics-text";
+    headers.get_all(ACCEPT).iter().any(|value| {
+        value
+            .as_bytes()
+            .windows(OPENMETRICS.len())
+            .any(|w| w.eq_ignore_ascii_case(OPENMETRICS))
+    })
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

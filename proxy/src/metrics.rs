@@ -17,7 +17,8 @@
 //!
 //! # Names (labels in braces)
 //!
-//! `eastwall_decisions_total{event,decision,reason}`, `eastwall_session_ends_total{reason}`,
+//! `eastwall_decisions_total{event,decision,reason}` (every line with a decision but
+//! `session_end`, which repeats its session's), `eastwall_session_ends_total{reason}`,
 //! `eastwall_alerts_total{kind}`, `eastwall_signals_total{signal}`,
 //! `eastwall_sessions_active`, `eastwall_locks_active`,
 //! `eastwall_handshake_duration_seconds`, `eastwall_upstream_login_duration_seconds`,
@@ -46,8 +47,10 @@ pub const MAX_LABEL_VALUES: usize = 64;
 /// The longest reason code kept as a label value.
 const MAX_LABEL_LEN: usize = 48;
 
-/// The content type of [`Metrics::encode`]'s output.
+/// The content type of [`Metrics::encode`]'s output (OpenMetrics 1.0 text).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The content type of [`Metrics::encode_classic`]'s output (Prometheus text 0.0.4).
+pub const CLASSIC_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DecisionLabels {
@@ -277,6 +280,12 @@ impl Metrics {
         out
     }
 
+    /// The same exposition in the classic Prometheus text format (0.0.4), for clients that
+    /// do not ask for OpenMetrics (curl, `promtool check metrics`): see [`to_classic`].
+    pub fn encode_classic(&self, live: usize) -> String {
+        to_classic(&self.encode(live))
+    }
+
     /// Sets `eastwall_locks_active` (called by whoever owns the locks).
     pub fn set_locks_active(&self, n: usize) {
         self.locks_active.set(i64::try_from(n).unwrap_or(i64::MAX));
@@ -336,7 +345,24 @@ impl Observer for Metrics {
         if !ok {
             return;
         }
-        if let Some(decision) = entry.decision {
+        if entry.event == "refusals_summary" {
+            // Unauthenticated refusals past the per-source burst get no line of their own
+            // (crate::refusals): their summary carries the count per reason, counted here
+            // as the connect refusals they were.
+            if let Some(reasons) = entry.extra.get("reasons").and_then(|v| v.as_object()) {
+                for (reason, n) in reasons {
+                    let labels = DecisionLabels {
+                        event: self.decision_labels.admit("connect", "other"),
+                        decision: "deny".to_owned(),
+                        reason: self.decision_labels.admit(reason, "other"),
+                    };
+                    self.decisions
+                        .get_or_create(&labels)
+                        .inc_by(n.as_u64().unwrap_or(0));
+                }
+            }
+        } else if let (Some(decision), false) = (entry.decision, entry.event == "session_end") {
+            // A session_end line repeats its session's decision; it is counted as an end.
             let labels = DecisionLabels {
                 event: self.decision_labels.admit(entry.event, "other"),
                 decision: decision.to_owned(),
@@ -384,6 +410,58 @@ impl Observer for Metrics {
             _ => {}
         }
     }
+}
+
+/// Rewrites prometheus-client's OpenMetrics text as Prometheus text 0.0.4. The samples are
+/// the same lines; only the metadata differs between the two formats: a counter family is
+/// named without `_total` in OpenMetrics (`# TYPE eastwall_decisions counter`) and with it
+/// in 0.0.4 (the name its samples carry), and 0.0.4 has no `# UNIT` line and no `# EOF`.
+/// Metadata lines come before each family's samples, `# HELP` first, as the client writes
+/// them.
+pub fn to_classic(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    // The family's # HELP line, held until its # TYPE says whether it is a counter.
+    let mut help: Option<(&str, &str)> = None;
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            if let Some((name, text)) = help.take() {
+                push_meta(&mut out, "HELP", name, "", text);
+            }
+            let (name, text) = rest.split_once(' ').unwrap_or((rest, ""));
+            help = Some((name, text));
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
+            let suffix = if kind == "counter" { "_total" } else { "" };
+            if let Some((help_name, text)) = help.take() {
+                let suffix = if help_name == name { suffix } else { "" };
+                push_meta(&mut out, "HELP", help_name, suffix, text);
+            }
+            push_meta(&mut out, "TYPE", name, suffix, kind);
+        } else if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        } else {
+            if let Some((name, text)) = help.take() {
+                push_meta(&mut out, "HELP", name, "", text);
+            }
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    if let Some((name, text)) = help.take() {
+        push_meta(&mut out, "HELP", name, "", text);
+    }
+    out
+}
+
+fn push_meta(out: &mut String, what: &str, name: &str, suffix: &str, rest: &str) {
+    out.push_str("# ");
+    out.push_str(what);
+    out.push(' ');
+    out.push_str(name);
+    out.push_str(suffix);
+    out.push(' ');
+    out.push_str(rest);
+    out.push('\n');
 }
 
 /// The notAfter of the first certificate in a PEM file (the proxy's own, first in its
@@ -447,6 +525,28 @@ mod tests {
     }
 
     #[test]
+    fn summarised_refusals_count_as_the_refusals_they_were() {
+        let m = Metrics::new();
+        m.written(
+            &entry("connect", Some("deny"), "no_tls"),
+            Duration::ZERO,
+            true,
+        );
+        let mut summary = entry("refusals_summary", Some("deny"), "suppressed");
+        summary.extra.insert(
+            "reasons".into(),
+            serde_json::json!({"no_tls": 40, "handshake_timeout": 2}),
+        );
+        m.written(&summary, Duration::ZERO, true);
+        let text = m.encode(0);
+        assert!(text.contains(
+            "eastwall_decisions_total{event=\"connect\",decision=\"deny\",reason=\"no_tls\"} 41\n"
+        ));
+        assert!(text.contains("reason=\"handshake_timeout\"} 2\n"));
+        assert!(!text.contains("suppressed"));
+    }
+
+    #[test]
     fn a_flood_of_distinct_reasons_is_capped() {
         let m = Metrics::new();
         for i in 0..1000 {
@@ -491,6 +591,28 @@ mod tests {
         assert!(text.contains("eastwall_sessions_active 2\n"));
         assert!(text.contains("eastwall_locks_active 3\n"));
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn the_classic_format_names_counters_by_their_samples_and_drops_openmetrics_lines() {
+        let m = Metrics::new();
+        m.written(
+            &entry("connect", Some("deny"), "no_tls"),
+            Duration::ZERO,
+            true,
+        );
+        let classic = m.encode_classic(1);
+        assert!(classic.contains("# HELP eastwall_decisions_total Decision-log lines"));
+        assert!(classic.contains("# TYPE eastwall_decisions_total counter\n"));
+        assert!(classic.contains(
+            "eastwall_decisions_total{event=\"connect\",decision=\"deny\",reason=\"no_tls\"} 1\n"
+        ));
+        assert!(classic.contains("# TYPE eastwall_sessions_active gauge\n"));
+        assert!(classic.contains("# TYPE eastwall_handshake_duration_seconds histogram\n"));
+        assert!(!classic.contains("# UNIT"));
+        assert!(!classic.contains("# EOF"));
+        let samples = |t: &str| t.lines().filter(|l| !l.starts_with('#')).count();
+        assert_eq!(samples(&classic), samples(&m.encode(1)), "the same samples");
     }
 
     #[test]

@@ -811,8 +811,13 @@ fn spawn_admin(sidecar: Arc<Sidecar>, listener: TcpListener, mut stop: watch::Re
 }
 
 impl crate::admin::Health for Sidecar {
-    fn metrics(&self) -> String {
-        self.metrics.encode(self.live_sessions())
+    fn metrics(&self, openmetrics: bool) -> String {
+        let live = self.live_sessions();
+        if openmetrics {
+            self.metrics.encode(live)
+        } else {
+            self.metrics.encode_classic(live)
+        }
     }
 
     fn not_ready(
