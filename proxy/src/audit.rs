@@ -1206,6 +1206,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_observer_and_readiness_see_each_write_and_its_outcome() {
+        #[derive(Default)]
+        struct Seen(std::sync::Mutex<Vec<(&'static str, bool)>>);
+        impl Observer for Seen {
+            fn written(&self, entry: &Entry, _took: Duration, ok: bool) {
+                self.0.lock().unwrap().push((entry.event, ok));
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let good = AuditLog::open(&dir.path().join("d.log")).await.unwrap();
+        let seen = Arc::new(Seen::default());
+        good.observe(seen.clone());
+        assert!(good.last_write_ok());
+        good.record(entry(0)).await.unwrap();
+        good.reopen().await.unwrap();
+        assert!(good.last_write_ok());
+        let full = AuditLog::open(Path::new("/dev/full")).await.unwrap();
+        full.observe(seen.clone());
+        assert!(full.last_write_ok(), "nothing failed yet");
+        assert!(full.record(entry(1)).await.is_err());
+        assert!(!full.last_write_ok());
+        let seen = seen.0.lock().unwrap().clone();
+        assert_eq!(
+            seen,
+            vec![
+                (entry(0).event, true),
+                ("log_reopened", true),
+                (entry(1).event, false)
+            ]
+        );
+    }
+
+    #[tokio::test]
     async fn a_failing_disk_fails_every_record_and_keeps_failing_closed() {
         // /dev/full accepts open() but every write fails with ENOSPC.
         let log = AuditLog::open(Path::new("/dev/full")).await.unwrap();

@@ -91,6 +91,8 @@ pub struct Sidecar {
     pub draining: AtomicBool,
     /// The last upstream reachability check, for `/readyz`.
     pub reach: crate::admin::ReachCache,
+    /// The last retry of a failed decision-log write, for `/readyz`.
+    pub log_retry: crate::admin::ReachCache,
 }
 
 /// Counts admitted sessions until their session_end line is written, so a shutdown can
@@ -555,6 +557,7 @@ pub async fn prepare(config: Config) -> Result<Sidecar, StartError> {
         metrics,
         draining: AtomicBool::new(false),
         reach: crate::admin::ReachCache::default(),
+        log_retry: crate::admin::ReachCache::default(),
     };
     sidecar.refresh_expiry_metrics();
     Ok(sidecar)
@@ -827,6 +830,23 @@ impl crate::admin::Health for Sidecar {
             let mut failing = Vec::new();
             if self.draining() {
                 failing.push("draining: the sidecar is shutting down".to_owned());
+            }
+            if !self.audit.last_write_ok() {
+                // Without traffic nothing would write again, and a sidecar taken out of
+                // rotation for a failed write would stay out after the disk recovered: after
+                // a failure, readiness itself writes a line (at most every few seconds).
+                let _ = self
+                    .log_retry
+                    .get(|| async {
+                        let entry = Entry {
+                            conn_id: crate::identity::new_conn_id(),
+                            event: "log_write_check",
+                            reason: "after_failure".into(),
+                            ..Entry::default()
+                        };
+                        self.audit.record(entry).await.map_err(|e| e.to_string())
+                    })
+                    .await;
             }
             if !self.audit.last_write_ok() {
                 failing.push(format!(
