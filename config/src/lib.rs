@@ -25,6 +25,7 @@ pub use pattern::{IdPattern, PatternError};
 pub use policy::{Policy, PolicyError, RuleCounts, RuleKind, RuleRef};
 pub use secret::{FileStamp, PasswordSource, Secret};
 pub use settings::{
-    AuditSettings, Config, Limits, ListenSettings, MfaSettings, Settings, UpstreamLogin,
-    UpstreamSettings, UpstreamTarget, DEFAULT_MAX_SESSIONS_PER_IDENTITY,
+    AdminSettings, AuditSettings, Config, Limits, ListenSettings, MfaSettings, Settings,
+    UpstreamLogin, UpstreamSettings, UpstreamTarget, DEFAULT_ADMIN_LISTEN,
+    DEFAULT_MAX_SESSIONS_PER_IDENTITY,
 };

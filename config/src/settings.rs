@@ -64,6 +64,10 @@
 //! max_handshakes_per_source = 32  # default 32 such connections per source address
 //! idle_timeout = "1h"             # optional: close sessions idle this long
 //! max_sessions_per_identity = 32  # default 32 (0 = default): sessions one SPIFFE ID may hold
+//!
+//! [admin]
+//! listen = "127.0.0.1:9187"       # default: plain HTTP /healthz, /readyz, /metrics; "off" or ""
+//!                                 # turns it off; a non-loopback address is allowed (warned)
 //! ```
 //!
 //! Loading checks syntax and consistency and reads the policy file; certificate, key and
@@ -127,6 +131,7 @@ pub struct Settings {
     pub mfa: MfaSettings,
     pub audit: AuditSettings,
     pub limits: Limits,
+    pub admin: AdminSettings,
     pub segments: BTreeMap<String, Vec<String>>,
     pub groups: BTreeMap<String, Vec<String>>,
     /// The policy file, resolved.
@@ -212,6 +217,19 @@ pub struct Limits {
     pub max_sessions_per_identity: usize,
 }
 
+/// `[admin]`: the operator's side of the sidecar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminSettings {
+    /// `listen`: where plain HTTP serves `/healthz`, `/readyz` and `/metrics` (read-only;
+    /// no administrative verb is ever served there). None when `"off"` or empty.
+    pub listen: Option<SocketAddr>,
+    // socket: added by the live work
+}
+
+/// `[admin] listen` when absent.
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
+    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9187);
+
 /// `[limits] max_sessions_per_identity` when absent or 0: a third of PostgreSQL's default
 /// `max_connections` (100), above common pool sizes (HikariCP 10, PgBouncer 20).
 pub const DEFAULT_MAX_SESSIONS_PER_IDENTITY: usize = 32;
@@ -238,6 +256,13 @@ struct RawFile {
     mfa: Option<RawMfa>,
     audit: Option<RawAudit>,
     limits: Option<RawLimits>,
+    admin: Option<RawAdmin>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<Str>,
 }
 
 #[derive(Deserialize)]
@@ -680,6 +705,14 @@ impl Settings {
             },
         };
 
+        let admin = AdminSettings {
+            listen: match raw.admin.as_ref().and_then(|a| a.listen.as_ref()) {
+                None => Some(DEFAULT_ADMIN_LISTEN),
+                Some(v) if matches!(v.get_ref().trim(), "" | "off") => None,
+                Some(v) => c.socket_addr("admin.listen", v),
+            },
+        };
+
         match (trust_domain, listen_address, upstream) {
             (Some(trust_domain), Some(_), Some(upstream)) if c.problems.is_empty() => {
                 Ok(Settings {
@@ -692,6 +725,7 @@ impl Settings {
                     mfa,
                     audit,
                     limits,
+                    admin,
                     segments,
                     groups,
                     policy_file,

@@ -69,8 +69,9 @@ use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::SocketAddr;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -153,6 +154,29 @@ pub enum AuditError {
     Spawn { path: PathBuf, source: io::Error },
 }
 
+/// Learns of every line the writer handled: how long it waited and was written (queue,
+/// write, `fdatasync`) and whether it reached the disk. Called on the writer thread, after
+/// the batch's flush: it must be cheap and must not block.
+pub trait Observer: Send + Sync + 'static {
+    fn written(&self, entry: &Entry, took: Duration, ok: bool);
+}
+
+/// What the writer shares with the handles: set once, read per batch.
+#[derive(Default)]
+struct Watch {
+    observer: OnceLock<Arc<dyn Observer>>,
+    /// Whether the last write or flush succeeded (true until one fails).
+    last_ok: AtomicBool,
+}
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watch")
+            .field("last_ok", &self.last_ok)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The decision log; clones share one file and one writer thread.
 #[derive(Clone, Debug)]
 pub struct AuditLog {
@@ -164,6 +188,7 @@ struct Inner {
     path: PathBuf,
     tx: mpsc::Sender<Request>,
     fsyncs: Arc<AtomicU64>,
+    watch: Arc<Watch>,
 }
 
 type Done = oneshot::Sender<Result<(), Arc<io::Error>>>;
@@ -172,6 +197,8 @@ struct Request {
     entry: Entry,
     ts: String,
     done: Done,
+    /// When the caller queued it, for [`Observer::written`].
+    queued: Instant,
     /// Reopen the path first (log rotation); the entry is the `log_reopened` line.
     reopen: bool,
 }
@@ -190,7 +217,10 @@ impl AuditLog {
             })??;
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let fsyncs = Arc::new(AtomicU64::new(0));
+        let watch = Arc::new(Watch::default());
+        watch.last_ok.store(true, Ordering::Relaxed);
         let writer = Writer {
+            watch: Arc::clone(&watch),
             path: path.to_path_buf(),
             identity: opened.identity,
             file: opened.file,
@@ -212,6 +242,7 @@ impl AuditLog {
                 path: path.to_path_buf(),
                 tx,
                 fsyncs,
+                watch,
             }),
         })
     }
@@ -241,6 +272,7 @@ impl AuditLog {
             entry,
             ts,
             done,
+            queued: Instant::now(),
             reopen,
         };
         if self.inner.tx.send(request).await.is_err() {
@@ -260,6 +292,18 @@ impl AuditLog {
     /// than the number of entries under concurrency.
     pub fn fsync_count(&self) -> u64 {
         self.inner.fsyncs.load(Ordering::Relaxed)
+    }
+
+    /// Hands every line written from now on to `observer` (the metrics); only the first
+    /// observer set is kept.
+    pub fn observe(&self, observer: Arc<dyn Observer>) {
+        let _ = self.inner.watch.observer.set(observer);
+    }
+
+    /// Whether the last write reached the disk (readiness: a log that cannot be written
+    /// refuses every connection).
+    pub fn last_write_ok(&self) -> bool {
+        self.inner.watch.last_ok.load(Ordering::Relaxed)
     }
 
     /// The file this log writes to.
@@ -407,9 +451,17 @@ struct Writer {
     dirty: bool,
     prev: String,
     fsyncs: Arc<AtomicU64>,
+    watch: Arc<Watch>,
 }
 
 impl Writer {
+    /// Records the outcome of a write for readiness and tells the observer.
+    fn tell(&self, req: &Request, ok: bool) {
+        if let Some(observer) = self.watch.observer.get() {
+            observer.written(&req.entry, req.queued.elapsed(), ok);
+        }
+    }
+
     fn run(mut self, mut rx: mpsc::Receiver<Request>) {
         let mut batch: Vec<Request> = Vec::new();
         let mut buf: Vec<u8> = Vec::new();
@@ -425,8 +477,19 @@ impl Writer {
                 },
             };
             if first.reopen {
-                let outcome = self.reopen_and_record(first.entry, &first.ts, &mut buf);
-                let _ = first.done.send(outcome);
+                let Request {
+                    mut entry,
+                    ts,
+                    done,
+                    queued,
+                    ..
+                } = first;
+                let outcome = self.reopen_and_record(&mut entry, &ts, &mut buf);
+                self.watch.last_ok.store(outcome.is_ok(), Ordering::Relaxed);
+                if let Some(observer) = self.watch.observer.get() {
+                    observer.written(&entry, queued.elapsed(), outcome.is_ok());
+                }
+                let _ = done.send(outcome);
                 continue;
             }
             batch.push(first);
@@ -452,7 +515,9 @@ impl Writer {
                 tracing::error!(error = %err, entries = batch.len(),
                     "decision log write failed; refusing the connections it would admit");
             }
+            self.watch.last_ok.store(outcome.is_ok(), Ordering::Relaxed);
             for req in batch.drain(..) {
+                self.tell(&req, outcome.is_ok());
                 // The caller may have gone away (client hung up); nothing to tell it then.
                 let _ = req.done.send(outcome.clone());
             }
@@ -463,7 +528,7 @@ impl Writer {
     /// the `log_reopened` line.
     fn reopen_and_record(
         &mut self,
-        mut entry: Entry,
+        entry: &mut Entry,
         ts: &str,
         buf: &mut Vec<u8>,
     ) -> Result<(), Arc<io::Error>> {
@@ -497,7 +562,7 @@ impl Writer {
             .extra
             .insert("previous_hash".into(), Value::String(previous));
         buf.clear();
-        let hash = encode_line(&entry, ts, &self.prev, buf);
+        let hash = encode_line(entry, ts, &self.prev, buf);
         let outcome = self.commit(buf).map_err(Arc::new);
         if outcome.is_ok() {
             self.prev = hash;
@@ -1138,6 +1203,39 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("plain/decisions.jsonl"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_observer_and_readiness_see_each_write_and_its_outcome() {
+        #[derive(Default)]
+        struct Seen(std::sync::Mutex<Vec<(&'static str, bool)>>);
+        impl Observer for Seen {
+            fn written(&self, entry: &Entry, _took: Duration, ok: bool) {
+                self.0.lock().unwrap().push((entry.event, ok));
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let good = AuditLog::open(&dir.path().join("d.log")).await.unwrap();
+        let seen = Arc::new(Seen::default());
+        good.observe(seen.clone());
+        assert!(good.last_write_ok());
+        good.record(entry(0)).await.unwrap();
+        good.reopen().await.unwrap();
+        assert!(good.last_write_ok());
+        let full = AuditLog::open(Path::new("/dev/full")).await.unwrap();
+        full.observe(seen.clone());
+        assert!(full.last_write_ok(), "nothing failed yet");
+        assert!(full.record(entry(1)).await.is_err());
+        assert!(!full.last_write_ok());
+        let seen = seen.0.lock().unwrap().clone();
+        assert_eq!(
+            seen,
+            vec![
+                (entry(0).event, true),
+                ("log_reopened", true),
+                (entry(1).event, false)
+            ]
+        );
     }
 
     #[tokio::test]

@@ -107,6 +107,7 @@ pub fn run(opts: &Options) -> Result<(), DemoError> {
     );
     qs.listen = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
     qs.stepup_listen = Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0));
+    qs.admin_listen = Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0));
     let layout = quickstart::quickstart(&qs)?;
     let config = eastwall_config::Config::load(&layout.config)
         .map_err(|err| DemoError::Config(err.lines().join("; ")))?;

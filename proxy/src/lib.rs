@@ -15,18 +15,22 @@
 //! - [`relay`]: the byte pipe after admission.
 //! - [`cancel`]: the proxy's cancel keys and their upstream mapping.
 //! - [`audit`]: the hash-chained, fsync'd decision log.
+//! - [`metrics`]: Prometheus metrics; [`admin`]: the plain-HTTP `/healthz`, `/readyz`,
+//!   `/metrics` listener.
 //! - [`quickstart`]: a complete sidecar layout in one folder; [`pgcluster`]: private
 //!   PostgreSQL clusters for the demo and the tests.
 //! - [`demo`]: the seed's lateral-movement story, played end to end in one command.
 //! - [`cli`]: the `eastwall` verbs, one module each.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod audit;
 pub mod cancel;
 pub mod cli;
 pub mod codec;
 pub mod demo;
 pub mod identity;
+pub mod metrics;
 pub mod mfa;
 pub mod params;
 pub mod pgcluster;

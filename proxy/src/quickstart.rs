@@ -50,6 +50,8 @@ pub struct Options {
     pub upstream_auth: UpstreamAuth,
     pub trust_domain: TrustDomain,
     pub stepup_listen: Option<SocketAddr>,
+    /// `[admin] listen`: `/healthz`, `/readyz`, `/metrics`; None writes `"off"`.
+    pub admin_listen: Option<SocketAddr>,
 }
 
 impl Options {
@@ -61,6 +63,7 @@ impl Options {
             upstream_auth: UpstreamAuth::Trust,
             trust_domain: TrustDomain::parse("corp.example").unwrap_or_else(|_| unreachable!()),
             stepup_listen: Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8443)),
+            admin_listen: Some(eastwall_config::DEFAULT_ADMIN_LISTEN),
         }
     }
 }
@@ -219,8 +222,13 @@ pub fn quickstart(opts: &Options) -> Result<Layout, QuickstartError> {
          token_key = \"mfa/token.key\"\n\
          max_age = \"5m\"\n{stepup}\n\
          [audit]\n\
-         path = \"decisions.log\"\n",
+         path = \"decisions.log\"\n\n\
+         [admin]\n\
+         listen = \"{admin}\"\n",
         listen = opts.listen,
+        admin = opts
+            .admin_listen
+            .map_or_else(|| "off".to_owned(), |a| a.to_string()),
         stepup = opts
             .stepup_listen
             .map(|a| format!("stepup_listen = \"{a}\"\n"))

@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,7 @@ use tokio::task::JoinHandle;
 
 use crate::audit::{AuditError, AuditLog, Entry};
 use crate::cancel::CancelRegistry;
+use crate::metrics::Metrics;
 use crate::mfa::{self, SecretStore, TokenKey, Verifier};
 use crate::refusals::{self, RefusalGate};
 use crate::relay::{EndReason, END_GRACE};
@@ -51,6 +53,11 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot listen on {addr} for [admin] listen (/healthz, /readyz, /metrics): {source}; choose another address or set listen = \"off\"")]
+    AdminListen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Everything connections share.
@@ -78,6 +85,14 @@ pub struct Sidecar {
     pub end_all: watch::Sender<Option<EndReason>>,
     /// Admitted sessions that have not written their session_end line yet.
     pub live: LiveSessions,
+    /// The Prometheus metrics `/metrics` serves; the decision log feeds most of them.
+    pub metrics: Arc<Metrics>,
+    /// Set when a shutdown starts: `/readyz` answers 503 from then on.
+    pub draining: AtomicBool,
+    /// The last upstream reachability check, for `/readyz`.
+    pub reach: crate::admin::ReachCache,
+    /// The last retry of a failed decision-log write, for `/readyz`.
+    pub log_retry: crate::admin::ReachCache,
 }
 
 /// Counts admitted sessions until their session_end line is written, so a shutdown can
@@ -386,6 +401,25 @@ impl Sidecar {
         }
     }
 
+    /// Admitted sessions not yet ended: `eastwall_sessions_active`. The one place metrics
+    /// read the live-session count from.
+    pub fn live_sessions(&self) -> usize {
+        self.live.count()
+    }
+
+    /// Whether a shutdown (drain) has started.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Re-reads the proxy certificate's notAfter and the CRL's nextUpdate into the metrics
+    /// (at start and after each TLS reload).
+    pub fn refresh_expiry_metrics(&self) {
+        let not_after = crate::metrics::cert_not_after(&self.tls.files().cert);
+        self.metrics
+            .set_expiry(not_after, self.tls.crl_next_update());
+    }
+
     /// Ends every live session (and any admitted from now on) for `reason`, each through
     /// the relay's bounded end: FATAL 57P01, both legs closed, a session_end line.
     pub fn end_all_sessions(&self, reason: EndReason) {
@@ -443,6 +477,9 @@ fn cap_unauthenticated(entry: &mut Entry) {
 pub struct Running {
     pub local_addr: SocketAddr,
     pub stepup_addr: Option<SocketAddr>,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served; None when `[admin] listen`
+    /// is off.
+    pub admin_addr: Option<SocketAddr>,
     pub sidecar: Arc<Sidecar>,
     shutdown: watch::Sender<bool>,
     accept_task: JoinHandle<()>,
@@ -454,6 +491,7 @@ impl Running {
     /// cancelled) and waits, bounded, for their session_end lines. Connections still
     /// starting up are dropped with the runtime.
     pub async fn shutdown(self) {
+        self.sidecar.draining.store(true, Ordering::Relaxed);
         let _ = self.shutdown.send(true);
         let _ = self.accept_task.await;
         self.sidecar.end_all_sessions(EndReason::Shutdown);
@@ -483,8 +521,11 @@ pub async fn prepare(config: Config) -> Result<Sidecar, StartError> {
             .with_file_name(crate::tls::CRL_STATE_FILE),
     };
     let tls = ReloadingServerConfig::new(tls_files.clone())?;
-    let upstream = Upstream::new(&settings.upstream)?;
+    let metrics = Arc::new(Metrics::new());
+    let upstream =
+        Upstream::new(&settings.upstream)?.with_login_histogram(metrics.upstream_login_histogram());
     let audit = AuditLog::open(&settings.audit.path).await?;
+    audit.observe(metrics.clone());
     let mfa = if policy.mfa_groups().is_empty() {
         None
     } else {
@@ -494,7 +535,7 @@ pub async fn prepare(config: Config) -> Result<Sidecar, StartError> {
     };
     let (revoked, _) = watch::channel(Arc::new(tls.revoked_serials()));
     let protected = RwLock::new(Arc::new(mfa_roles(&settings, &policy)));
-    Ok(Sidecar {
+    let sidecar = Sidecar {
         cancels: CancelRegistry::new(settings.limits.cancels_per_second),
         startup_slots: StartupSlots::new(settings.limits.max_startups_per_source),
         handshake_slots: StartupSlots::bounded(
@@ -513,7 +554,13 @@ pub async fn prepare(config: Config) -> Result<Sidecar, StartError> {
         revoked,
         end_all: watch::channel(None).0,
         live: LiveSessions::default(),
-    })
+        metrics,
+        draining: AtomicBool::new(false),
+        reach: crate::admin::ReachCache::default(),
+        log_retry: crate::admin::ReachCache::default(),
+    };
+    sidecar.refresh_expiry_metrics();
+    Ok(sidecar)
 }
 
 /// Starts listening and serving. The listen address may use port 0 (tests).
@@ -542,12 +589,32 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         _ => None,
     };
 
+    // A busy admin port does not stop the database path: it is reported loudly, and an
+    // orchestrator probing /readyz sees the sidecar as not ready.
+    let admin_addr = match sidecar.settings.admin.listen {
+        Some(addr) => match bind_admin(addr).await {
+            Ok((listener, bound)) => {
+                if !crate::admin::is_loopback(bound) {
+                    tracing::warn!(admin = %bound, "[admin] listen is not a loopback address: /healthz, /readyz and /metrics are served without authentication to whoever reaches it");
+                }
+                spawn_admin(sidecar.clone(), listener, watcher.clone());
+                Some(bound)
+            }
+            Err(err) => {
+                tracing::error!(%err, "the admin listener is off");
+                None
+            }
+        },
+        None => None,
+    };
+
     spawn_upkeep(sidecar.clone(), watcher.clone());
     let accept_task = tokio::spawn(accept_loop(sidecar.clone(), listener, watcher));
     tracing::info!(listen = %local_addr, upstream = %sidecar.upstream.describe(), guards = %sidecar.settings.guards, "eastwall sidecar listening");
     Ok(Running {
         local_addr,
         stepup_addr,
+        admin_addr,
         sidecar,
         shutdown,
         accept_task,
@@ -633,6 +700,8 @@ fn spawn_upkeep(sidecar: Arc<Sidecar>, mut stop: watch::Receiver<bool>) {
                     match sidecar.tls.refresh() {
                         Ok(true) => {
                             tracing::info!("TLS files changed; new handshakes use them");
+                            sidecar.metrics.config_reload("ok");
+                            sidecar.refresh_expiry_metrics();
                             // The same verified state the handshakes consult, not a re-read.
                             sidecar.revoked.send_replace(Arc::new(sidecar.tls.revoked_serials()));
                         }
@@ -641,6 +710,7 @@ fn spawn_upkeep(sidecar: Arc<Sidecar>, mut stop: watch::Receiver<bool>) {
                             // Kept visible: a tampered or broken CRL must not only be a trace
                             // line. The last good files stay in force.
                             tracing::error!(%err, failures = sidecar.tls.reload_failures(), "TLS files changed but cannot be loaded; keeping the previous ones");
+                            sidecar.metrics.config_reload("error");
                             let event = if err.is_crl() { "crl_reload" } else { "tls_reload" };
                             let mut entry = Entry {
                                 conn_id: crate::identity::new_conn_id(),
@@ -727,6 +797,79 @@ async fn check_disk(sidecar: &Sidecar, watch: &mut crate::audit::DiskWatch) {
             );
         }
         None => {}
+    }
+}
+
+async fn bind_admin(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::AdminListen { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| StartError::AdminListen { addr, source })?;
+    Ok((listener, bound))
+}
+
+/// Serves `/healthz`, `/readyz` and `/metrics` ([`crate::admin`]) until shutdown.
+fn spawn_admin(sidecar: Arc<Sidecar>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = crate::admin::serve(listener, sidecar) => {}
+            _ = stop.changed() => {}
+        }
+    });
+}
+
+impl crate::admin::Health for Sidecar {
+    fn metrics(&self, openmetrics: bool) -> String {
+        let live = self.live_sessions();
+        if openmetrics {
+            self.metrics.encode(live)
+        } else {
+            self.metrics.encode_classic(live)
+        }
+    }
+
+    fn not_ready(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<String>> + Send + '_>> {
+        Box::pin(async move {
+            let mut failing = Vec::new();
+            if self.draining() {
+                failing.push("draining: the sidecar is shutting down".to_owned());
+            }
+            if !self.audit.last_write_ok() {
+                // Without traffic nothing would write again, and a sidecar taken out of
+                // rotation for a failed write would stay out after the disk recovered: after
+                // a failure, readiness itself writes a line (at most every few seconds).
+                let _ = self
+                    .log_retry
+                    .get(|| async {
+                        let entry = Entry {
+                            conn_id: crate::identity::new_conn_id(),
+                            event: "log_write_check",
+                            reason: "after_failure".into(),
+                            ..Entry::default()
+                        };
+                        self.audit.record(entry).await.map_err(|e| e.to_string())
+                    })
+                    .await;
+            }
+            if !self.audit.last_write_ok() {
+                failing.push(format!(
+                    "decision log: the last write to {} failed; every connection is refused until one succeeds",
+                    self.audit.path().display()
+                ));
+            }
+            let reach = self
+                .reach
+                .get(|| async { self.upstream.reachable().await.map_err(|e| e.to_string()) })
+                .await;
+            if let Err(err) = reach {
+                failing.push(format!("upstream: {err}"));
+            }
+            failing
+        })
     }
 }
 

@@ -210,6 +210,7 @@ pub async fn serve(
             let _ = stream.shutdown().await;
         }
         FrontDoor::Session(arrival) => {
+            sidecar.metrics.observe_handshake(started.elapsed());
             let remaining = deadline.saturating_sub(started.elapsed());
             admit_and_relay(sidecar, conn_id, peer, *arrival, remaining, startup).await;
         }

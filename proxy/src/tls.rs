@@ -383,6 +383,14 @@ impl Revocation {
             })
     }
 
+    /// The earliest nextUpdate of the verified CRLs: when the first goes stale.
+    pub fn earliest_next_update(&self) -> Option<SystemTime> {
+        self.crls()
+            .map(|crl| crl.next_update)
+            .min()
+            .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+    }
+
     /// Serials (lowercase hex of the raw serial) the verified CRLs revoke.
     pub fn revoked_serials(&self) -> &HashSet<String> {
         &self.revoked_hex
@@ -782,6 +790,14 @@ impl ReloadingServerConfig {
             .as_ref()
             .map(|r| r.revoked_serials().clone())
             .unwrap_or_default()
+    }
+
+    /// The earliest nextUpdate of the CRLs in force; None without a CRL.
+    pub fn crl_next_update(&self) -> Option<SystemTime> {
+        self.read()
+            .revocation
+            .as_ref()
+            .and_then(|r| r.earliest_next_update())
     }
 
     /// How many reloads have failed since start (each kept the previous files in force).

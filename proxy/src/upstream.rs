@@ -142,6 +142,8 @@ pub struct Upstream {
     target: UpstreamTarget,
     connect_timeout: Duration,
     method: Method,
+    /// `eastwall_upstream_login_duration_seconds`, when metrics are on.
+    login_seconds: Option<prometheus_client::metrics::histogram::Histogram>,
 }
 
 enum Method {
@@ -257,7 +259,24 @@ impl Upstream {
             target: settings.target.clone(),
             connect_timeout: settings.connect_timeout,
             method,
+            login_seconds: None,
         })
+    }
+
+    /// Times every [`Upstream::login`] into `histogram`.
+    pub fn with_login_histogram(
+        mut self,
+        histogram: prometheus_client::metrics::histogram::Histogram,
+    ) -> Self {
+        self.login_seconds = Some(histogram);
+        self
+    }
+
+    /// Whether PostgreSQL accepts a connection right now: a plain connect, closed at once
+    /// without a byte sent (PostgreSQL does not log such a connection), bounded by
+    /// `connect_timeout`. For readiness probes; no session is opened.
+    pub async fn reachable(&self) -> Result<(), UpstreamError> {
+        self.connect_raw().await.map(drop)
     }
 
     /// Where PostgreSQL is, for messages.
@@ -318,13 +337,19 @@ impl Upstream {
     ) -> Result<UpstreamSession, UpstreamError> {
         let deadline = self.connect_timeout.saturating_mul(2);
         let target = self.describe();
-        match tokio::time::timeout(deadline, self.login_inner(role, database, params)).await {
-            Ok(result) => result,
-            Err(_) => Err(UpstreamError::Timeout {
-                target,
-                timeout: deadline,
-            }),
+        let started = std::time::Instant::now();
+        let result =
+            match tokio::time::timeout(deadline, self.login_inner(role, database, params)).await {
+                Ok(result) => result,
+                Err(_) => Err(UpstreamError::Timeout {
+                    target,
+                    timeout: deadline,
+                }),
+            };
+        if let Some(histogram) = &self.login_seconds {
+            histogram.observe(started.elapsed().as_secs_f64());
         }
+        result
     }
 
     async fn login_inner(

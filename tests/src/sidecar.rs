@@ -67,6 +67,7 @@ impl Deployment {
         let mut qs = quickstart::Options::new(layout_dir, String::new());
         qs.listen = "127.0.0.1:0".parse()?;
         qs.stepup_listen = opts.stepup.then(|| "127.0.0.1:0".parse()).transpose()?;
+        qs.admin_listen = Some("127.0.0.1:0".parse()?);
         qs.upstream_auth = upstream_auth;
 
         // Cert login needs the cluster to trust our CA and serve a certificate from it, so the

@@ -28,6 +28,22 @@ pub struct Args {
     /// Where the HTTPS step-up endpoint listens.
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8443")]
     pub stepup_listen: SocketAddr,
+    /// Where /healthz, /readyz and /metrics are served (plain HTTP), or "off".
+    #[arg(long, value_name = "ADDR:PORT|off", default_value = "127.0.0.1:9187", value_parser = parse_admin_listen)]
+    pub admin_listen: AdminListen,
+}
+
+/// `--admin-listen`: an address, or None for "off".
+#[derive(Debug, Clone, Copy)]
+pub struct AdminListen(pub Option<SocketAddr>);
+
+fn parse_admin_listen(s: &str) -> Result<AdminListen, String> {
+    match s.trim() {
+        "off" | "" => Ok(AdminListen(None)),
+        addr => addr.parse().map(|a| AdminListen(Some(a))).map_err(|_| {
+            format!("expected ADDR:PORT such as 127.0.0.1:9187, or \"off\"; found {s:?}")
+        }),
+    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -38,6 +54,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         upstream_auth: args.upstream_auth,
         trust_domain: args.trust_domain,
         stepup_listen: Some(args.stepup_listen),
+        admin_listen: args.admin_listen.0,
     };
     let layout = quickstart::quickstart(&opts)?;
     let dir = layout.dir.display();
