@@ -15,6 +15,7 @@
 //! - [`relay`]: the byte pipe after admission.
 //! - [`cancel`]: the proxy's cancel keys and their upstream mapping.
 //! - [`audit`]: the hash-chained, fsync'd decision log.
+//! - [`locks`]: operators' locks on identities, serials, sources and roles; the lock file.
 //! - [`quickstart`]: a complete sidecar layout in one folder; [`pgcluster`]: private
 //!   PostgreSQL clusters for the demo and the tests.
 //! - [`demo`]: the seed's lateral-movement story, played end to end in one command.
@@ -27,6 +28,7 @@ pub mod cli;
 pub mod codec;
 pub mod demo;
 pub mod identity;
+pub mod locks;
 pub mod mfa;
 pub mod params;
 pub mod pgcluster;

@@ -46,6 +46,8 @@ pub enum StartError {
     Mfa(#[from] mfa::MfaError),
     #[error(transparent)]
     Upstream(#[from] crate::upstream::UpstreamError),
+    #[error(transparent)]
+    Locks(#[from] crate::locks::LockError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -78,6 +80,8 @@ pub struct Sidecar {
     pub end_all: watch::Sender<Option<EndReason>>,
     /// Admitted sessions that have not written their session_end line yet.
     pub live: LiveSessions,
+    /// The operators' locks (`[locks] file`), re-read by the upkeep task.
+    pub locks: crate::locks::LockWatcher,
 }
 
 /// Counts admitted sessions until their session_end line is written, so a shutdown can
@@ -494,6 +498,11 @@ pub async fn prepare(config: Config) -> Result<Sidecar, StartError> {
     };
     let (revoked, _) = watch::channel(Arc::new(tls.revoked_serials()));
     let protected = RwLock::new(Arc::new(mfa_roles(&settings, &policy)));
+    let locks = crate::locks::LockWatcher::open(
+        &settings.locks_file,
+        &settings.trust_domain,
+        std::time::SystemTime::now(),
+    )?;
     Ok(Sidecar {
         cancels: CancelRegistry::new(settings.limits.cancels_per_second),
         startup_slots: StartupSlots::new(settings.limits.max_startups_per_source),
@@ -513,6 +522,7 @@ pub async fn prepare(config: Config) -> Result<Sidecar, StartError> {
         revoked,
         end_all: watch::channel(None).0,
         live: LiveSessions::default(),
+        locks,
     })
 }
 
@@ -630,6 +640,7 @@ fn spawn_upkeep(sidecar: Arc<Sidecar>, mut stop: watch::Receiver<bool>) {
                 _ = summaries.tick() => sidecar.write_due_summaries().await,
                 _ = disk.tick() => check_disk(&sidecar, &mut disk_watch).await,
                 _ = reload.tick() => {
+                    crate::locks::upkeep(&sidecar.locks, &sidecar.audit).await;
                     match sidecar.tls.refresh() {
                         Ok(true) => {
                             tracing::info!("TLS files changed; new handshakes use them");
@@ -765,6 +776,10 @@ fn spawn_stepup(
                     "deny"
                 });
                 entry.reason = format!("mfa_{}", event.outcome.reason());
+                if let Some(lock_id) = &event.lock_id {
+                    entry.reason = crate::locks::LockRefusal::REASON.into();
+                    entry.extra.insert("lock_id".into(), lock_id.clone().into());
+                }
                 entry.alert = matches!(event.outcome, mfa::MfaOutcome::LockedOut { first: true });
                 entry
                     .extra
@@ -801,9 +816,16 @@ fn spawn_stepup(
             }
         }
     });
+    let locks_of = sidecar.clone();
+    let locked: crate::stepup::LockCheck =
+        Arc::new(move |who: &crate::stepup::StepUpIdentity, source: IpAddr| {
+            let locks = locks_of.locks.current();
+            let now = std::time::SystemTime::now();
+            crate::locks::check_lock(&locks, &who.id, &who.serial_hex, source, None, now)
+        });
     tokio::spawn(async move {
         tokio::select! {
-            _ = crate::stepup::serve(listener, tls, verifier, identify, on_decision) => {}
+            _ = crate::stepup::serve(listener, tls, verifier, identify, locked, on_decision) => {}
             _ = stop.changed() => {}
         }
     });
