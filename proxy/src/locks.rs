@@ -294,17 +294,19 @@ impl Lock {
                     .into(),
             ));
         }
-        // Whole seconds: what the file keeps (RFC 3339), so a reload compares equal.
-        let now = whole_seconds(now);
+        // Whole seconds, what the file keeps (RFC 3339), so a reload compares equal; the
+        // expiry is rounded up, so a lock holds at least its TTL.
+        let too_far = || LockError::Target("--ttl: too far in the future".into());
         let expires_at = match ttl {
-            Some(ttl) => Some(
-                now.checked_add(ttl)
-                    .ok_or_else(|| LockError::Target("--ttl: too far in the future".into()))?,
-            ),
+            Some(ttl) => Some(whole_seconds(
+                now.checked_add(ttl + Duration::from_nanos(999_999_999))
+                    .ok_or_else(too_far)?,
+            )),
             None => None,
         };
+        let now = whole_seconds(now);
         if let Some(at) = expires_at {
-            rfc3339(at).map_err(|_| LockError::Target("--ttl: too far in the future".into()))?;
+            rfc3339(at).map_err(|_| too_far())?;
         }
         let id = loop {
             let id = format!("{:08x}", rand::random::<u32>());
