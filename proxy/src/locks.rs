@@ -142,7 +142,7 @@ impl Target {
         }
     }
 
-    /// `id`, `serial`, `source` or `role`: the key this target has in the file and the log.
+    /// `spiffe_id`, `serial`, `source` or `role`: the key this target has in the file and the log.
     pub fn kind(&self) -> &'static str {
         match self {
             Target::Id(_) => "spiffe_id",
@@ -437,8 +437,8 @@ impl LockSet {
         let active = |i: usize| Some(&self.locks[i]).filter(|l| l.active_at(now));
         if let Some(serial) = query.serial {
             let mut serial = serial;
-            while serial.len() > 2 && serial.starts_with("00") {
-                serial = &serial[2..];
+            while let Some(rest) = serial.strip_prefix("00").filter(|r| !r.is_empty()) {
+                serial = rest;
             }
             let hit = if serial.bytes().any(|b| b.is_ascii_uppercase()) {
                 // Not what the identity module writes; matched the slow way, still correctly.
@@ -745,13 +745,16 @@ impl LockRecord {
     }
 }
 
-/// What a file looked like when read: a change in any of these means it was rewritten.
+/// What a file looked like when read: a change in any of these means it was rewritten,
+/// replaced (a rename gives a new inode) or had its mode or owner changed (the change time,
+/// which only the kernel sets: a chmod to 0666 in place is noticed and refused at once).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stamp {
     dev: u64,
     ino: u64,
     len: u64,
     mtime_ns: i128,
+    ctime_ns: i128,
 }
 
 impl Stamp {
@@ -761,6 +764,7 @@ impl Stamp {
             ino: meta.ino(),
             len: meta.len(),
             mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
         }
     }
 
@@ -1069,7 +1073,10 @@ impl LockWatcher {
                 Ok((set, stamp)) => {
                     state.stamp = stamp;
                     state.refused = None;
-                    after = Arc::new(set);
+                    // The same locks rewritten: nothing to publish, no session to wake.
+                    if set.locks() != before.locks() {
+                        after = Arc::new(set);
+                    }
                 }
                 Err(err) => {
                     state.refused = Some(stamp);
@@ -1118,12 +1125,24 @@ pub async fn upkeep(watcher: &LockWatcher, audit: &AuditLog) {
     }
 }
 
-/// The OS user running this command, for `created_by`.
+/// The OS user running this command, for `created_by` (and who ran sudo, when root through
+/// sudo: the record is for people, not a security check).
 pub fn os_user() -> String {
     let uid = nix::unistd::getuid();
-    match nix::unistd::User::from_uid(uid) {
+    let name = match nix::unistd::User::from_uid(uid) {
         Ok(Some(user)) => user.name,
         _ => format!("uid {uid}"),
+    };
+    match std::env::var("SUDO_USER") {
+        Ok(by)
+            if uid.is_root()
+                && !by.is_empty()
+                && by.len() <= 64
+                && !by.contains(char::is_control) =>
+        {
+            format!("{name} (sudo from {by})")
+        }
+        _ => name,
     }
 }
 
@@ -1150,7 +1169,7 @@ mod tests {
             id: id.into(),
             target,
             created_at: at(0),
-            expires_at: ttl.map(|t| at(t)),
+            expires_at: ttl.map(at),
             message: format!("msg {id}"),
             created_by: "alice".into(),
         }
@@ -1605,7 +1624,7 @@ mod tests {
         write_mode(&path, &good_file(), 0o600);
         let w = LockWatcher::open(&path, &td(), at(0)).unwrap();
         assert_eq!(w.current().locks().len(), 1);
-        let mut updates = w.subscribe();
+        let updates = w.subscribe();
 
         // Each hostile rewrite is refused; the lock stays in force.
         for bad in [
@@ -1624,8 +1643,12 @@ mod tests {
             let again = w.refresh(at(2));
             assert!(again.refused.is_none(), "one report per bad file");
         }
-        // Made world-writable in place (same content): the stamp does not change with
-        // chmod, but a rewrite does; the world-writable rewrite is refused.
+        // Made world-writable in place: the change time moves, so it is judged, and refused.
+        write_mode(&path, &good_file(), 0o600);
+        assert!(w.refresh(at(3)).refused.is_none());
+        std::fs::set_permissions(&path, Permissions::from_mode(0o666)).unwrap();
+        let r = w.refresh(at(3));
+        assert!(matches!(r.refused, Some(LockError::Unsafe { .. })), "{r:?}");
         write_mode(&path, r#"{"version":1,"locks":[]}"#, 0o666);
         assert!(w.refresh(at(3)).refused.is_some());
         assert_eq!(w.current().locks().len(), 1);
