@@ -52,6 +52,10 @@
 //! [audit]
 //! path = "decisions.log"          # default "decisions.log": the hash-chained decision log
 //!
+//! [locks]
+//! file = "locks.json"             # default "locks.json": `eastwall lock` writes it, the sidecar
+//!                                 # watches it (a file name; not the policy file or the log)
+//!
 //! [limits]
 //! startup_timeout = "30s"         # default 30s: TLS + startup + MFA must finish within it
 //! max_connections = 1000          # default 1000
@@ -132,6 +136,8 @@ pub struct Settings {
     pub audit: AuditSettings,
     pub limits: Limits,
     pub admin: AdminSettings,
+    /// `[locks] file`: the lock store, resolved.
+    pub locks_file: PathBuf,
     pub segments: BTreeMap<String, Vec<String>>,
     pub groups: BTreeMap<String, Vec<String>>,
     /// The policy file, resolved.
@@ -257,12 +263,20 @@ struct RawFile {
     audit: Option<RawAudit>,
     limits: Option<RawLimits>,
     admin: Option<RawAdmin>,
+    locks: Option<RawLocks>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     listen: Option<Str>,
+    // socket: added by the live work
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLocks {
+    file: Option<Str>,
 }
 
 #[derive(Deserialize)]
@@ -712,6 +726,7 @@ impl Settings {
                 Some(v) => c.socket_addr("admin.listen", v),
             },
         };
+        let locks_file = check_locks_file(&mut c, raw.locks.as_ref(), &policy_file, &audit.path);
 
         match (trust_domain, listen_address, upstream) {
             (Some(trust_domain), Some(_), Some(upstream)) if c.problems.is_empty() => {
@@ -726,6 +741,7 @@ impl Settings {
                     audit,
                     limits,
                     admin,
+                    locks_file,
                     segments,
                     groups,
                     policy_file,
@@ -735,6 +751,36 @@ impl Settings {
             _ => Err(ConfigError::Many(c.problems)),
         }
     }
+}
+
+/// `locks.file`: default `locks.json`; a file name of its own, since every write replaces the
+/// whole file (a locks file that was the policy or the log would destroy it).
+fn check_locks_file(
+    c: &mut Checker<'_>,
+    raw: Option<&RawLocks>,
+    policy_file: &Path,
+    audit_path: &Path,
+) -> PathBuf {
+    let value = raw.and_then(|l| l.file.as_ref());
+    let path = c.path_or("locks.file", value, "locks.json");
+    if let Some(v) = value {
+        let text = v.get_ref();
+        if text.ends_with('/')
+            || text.ends_with("/.")
+            || text.ends_with("/..")
+            || text == "."
+            || text == ".."
+        {
+            c.invalid(
+                v.span(),
+                "locks.file",
+                format!("expected a file name, found the folder {text:?}"),
+            );
+        } else if path == policy_file || path == audit_path {
+            c.invalid(v.span(), "locks.file", "expected a file of its own: it is rewritten whole on every `eastwall lock`, so it cannot be the policy file or the decision log");
+        }
+    }
+    path
 }
 
 /// `limits.handshake_timeout`: default 5 s (or `startup_timeout` when that is shorter); a

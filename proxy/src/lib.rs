@@ -17,6 +17,7 @@
 //! - [`audit`]: the hash-chained, fsync'd decision log.
 //! - [`metrics`]: Prometheus metrics; [`admin`]: the plain-HTTP `/healthz`, `/readyz`,
 //!   `/metrics` listener.
+//! - [`locks`]: operators' locks on identities, serials, sources and roles; the lock file.
 //! - [`quickstart`]: a complete sidecar layout in one folder; [`pgcluster`]: private
 //!   PostgreSQL clusters for the demo and the tests.
 //! - [`demo`]: the seed's lateral-movement story, played end to end in one command.
@@ -31,6 +32,7 @@ pub mod codec;
 pub mod demo;
 pub mod identity;
 pub mod metrics;
+pub mod locks;
 pub mod mfa;
 pub mod params;
 pub mod pgcluster;

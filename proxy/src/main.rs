@@ -27,6 +27,8 @@ enum Command {
     Mfa(cli::mfa::Args),
     /// Verify the decision log's hash chain.
     Audit(cli::audit::Args),
+    /// Lock out an identity pattern, certificate serial, source range or role; list; lift.
+    Lock(cli::lock::Args),
     /// Play the lateral-movement story against a private PostgreSQL, in one command.
     Demo(cli::demo::Args),
 }
@@ -43,6 +45,7 @@ fn main() -> std::process::ExitCode {
         Command::Policy(args) => cli::policy::run(args),
         Command::Mfa(args) => cli::mfa::run(args),
         Command::Audit(args) => cli::audit::run(args),
+        Command::Lock(args) => cli::lock::run(args),
         Command::Demo(args) => cli::demo::run(args),
     };
     match result {

@@ -48,6 +48,8 @@ pub enum StartError {
     Mfa(#[from] mfa::MfaError),
     #[error(transparent)]
     Upstream(#[from] crate::upstream::UpstreamError),
+    #[error(transparent)]
+    Locks(#[from] crate::locks::LockError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -93,6 +95,8 @@ pub struct Sidecar {
     pub reach: crate::admin::ReachCache,
     /// The last retry of a failed decision-log write, for `/readyz`.
     pub log_retry: crate::admin::ReachCache,
+    /// The operators' locks (`[locks] file`), re-read by the upkeep task.
+    pub locks: crate::locks::LockWatcher,
 }
 
 /// Counts admitted sessions until their session_end line is written, so a shutdown can
@@ -535,6 +539,11 @@ pub async fn prepare(config: Config) -> Result<Sidecar, StartError> {
     };
     let (revoked, _) = watch::channel(Arc::new(tls.revoked_serials()));
     let protected = RwLock::new(Arc::new(mfa_roles(&settings, &policy)));
+    let locks = crate::locks::LockWatcher::open(
+        &settings.locks_file,
+        &settings.trust_domain,
+        std::time::SystemTime::now(),
+    )?;
     let sidecar = Sidecar {
         cancels: CancelRegistry::new(settings.limits.cancels_per_second),
         startup_slots: StartupSlots::new(settings.limits.max_startups_per_source),
@@ -558,6 +567,7 @@ pub async fn prepare(config: Config) -> Result<Sidecar, StartError> {
         draining: AtomicBool::new(false),
         reach: crate::admin::ReachCache::default(),
         log_retry: crate::admin::ReachCache::default(),
+        locks,
     };
     sidecar.refresh_expiry_metrics();
     Ok(sidecar)
@@ -697,6 +707,7 @@ fn spawn_upkeep(sidecar: Arc<Sidecar>, mut stop: watch::Receiver<bool>) {
                 _ = summaries.tick() => sidecar.write_due_summaries().await,
                 _ = disk.tick() => check_disk(&sidecar, &mut disk_watch).await,
                 _ = reload.tick() => {
+                    crate::locks::upkeep(&sidecar.locks, &sidecar.audit).await;
                     match sidecar.tls.refresh() {
                         Ok(true) => {
                             tracing::info!("TLS files changed; new handshakes use them");
@@ -915,6 +926,10 @@ fn spawn_stepup(
                     "deny"
                 });
                 entry.reason = format!("mfa_{}", event.outcome.reason());
+                if let Some(lock_id) = &event.lock_id {
+                    entry.reason = crate::locks::LockRefusal::REASON.into();
+                    entry.extra.insert("lock_id".into(), lock_id.clone().into());
+                }
                 entry.alert = matches!(event.outcome, mfa::MfaOutcome::LockedOut { first: true });
                 entry
                     .extra
@@ -951,9 +966,16 @@ fn spawn_stepup(
             }
         }
     });
+    let locks_of = sidecar.clone();
+    let locked: crate::stepup::LockCheck =
+        Arc::new(move |who: &crate::stepup::StepUpIdentity, source: IpAddr| {
+            let locks = locks_of.locks.current();
+            let now = std::time::SystemTime::now();
+            crate::locks::check_lock(&locks, &who.id, &who.serial_hex, source, None, now)
+        });
     tokio::spawn(async move {
         tokio::select! {
-            _ = crate::stepup::serve(listener, tls, verifier, identify, on_decision) => {}
+            _ = crate::stepup::serve(listener, tls, verifier, identify, locked, on_decision) => {}
             _ = stop.changed() => {}
         }
     });

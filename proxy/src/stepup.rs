@@ -57,6 +57,12 @@ pub struct StepUpIdentity {
 pub type Identify =
     Arc<dyn Fn(&rustls::ServerConnection) -> Result<StepUpIdentity, String> + Send + Sync>;
 
+/// Whether a lock holds this identity, certificate or source back now (see
+/// [`crate::locks::check_lock`]). Checked on every request, before the code: a locked
+/// operator gets no token and spends no budget.
+pub type LockCheck =
+    Arc<dyn Fn(&StepUpIdentity, IpAddr) -> Option<crate::locks::LockRefusal> + Send + Sync>;
+
 /// Records a decision (the proxy's audit log). An `Err` means it could not be recorded, and a
 /// token is then not handed out: decisions that cannot be logged are refused.
 /// It returns a future because the audit log confirms a line only after its fsync.
@@ -81,6 +87,8 @@ pub struct StepUpEvent {
     pub token_expires_at: Option<SystemTime>,
     /// For a lockout: how much longer it holds.
     pub locked_for: Option<Duration>,
+    /// The operator's lock that refused this request (outcome `Rejected { reason: "locked" }`).
+    pub lock_id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -106,6 +114,7 @@ struct ErrorBody {
 
 struct Shared {
     verifier: Arc<Verifier>,
+    locked: LockCheck,
     on_decision: OnDecision,
 }
 
@@ -121,10 +130,12 @@ pub async fn serve(
     tls: TlsSource,
     verifier: Arc<Verifier>,
     identify: Identify,
+    locked: LockCheck,
     on_decision: OnDecision,
 ) {
     let shared = Arc::new(Shared {
         verifier,
+        locked,
         on_decision,
     });
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -310,15 +321,17 @@ async fn respond(
     };
     // An identity that can never step up (no rule asks it for MFA, or it is not enrolled) is
     // refused before anything is charged: it must not spend an operator's per-source budget.
-    let refusal = match &who.not_eligible {
-        Some(why) => Some(("not_eligible", why.clone())),
-        None if !shared.verifier.is_enrolled(id) => Some((
+    let lock = (shared.locked)(who, peer.ip());
+    let refusal = match (&lock, &who.not_eligible) {
+        (Some(lock), _) => Some((crate::locks::LockRefusal::REASON, lock.message.clone())),
+        (None, Some(why)) => Some(("not_eligible", why.clone())),
+        (None, None) if !shared.verifier.is_enrolled(id) => Some((
             "not_enrolled",
             format!(
                 "{id} is not enrolled for MFA; ask an administrator to run `eastwall mfa enroll`"
             ),
         )),
-        None => None,
+        (None, None) => None,
     };
     let now = SystemTime::now();
     let outcome = match refusal {
@@ -340,6 +353,7 @@ async fn respond(
         locked_for: matches!(outcome, MfaOutcome::LockedOut { .. })
             .then(|| shared.verifier.locked_for(id, peer.ip()))
             .flatten(),
+        lock_id: lock.map(|l| l.lock_id),
     };
     if let Err(why) = (shared.on_decision)(event).await {
         tracing::error!(error = %why, "step-up endpoint: decision not recorded; refusing");

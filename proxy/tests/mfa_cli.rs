@@ -380,6 +380,7 @@ async fn endpoint(max_failures: u32, audit_works: bool) -> Endpoint {
         Arc::new(move || tls.clone()),
         verifier.clone(),
         Arc::new(identify),
+        Arc::new(|_: &stepup::StepUpIdentity, _| None),
         Arc::new(move |e: StepUpEvent| {
             sink.lock().unwrap().push(e);
             Box::pin(std::future::ready(if audit_works {

@@ -44,6 +44,7 @@ fn stdout_failed(err: &std::io::Error) -> ! {
 pub mod audit;
 pub mod ca;
 pub mod demo;
+pub mod lock;
 pub mod mfa;
 pub mod policy;
 pub mod proxy;
