@@ -64,6 +64,11 @@
 //! max_handshakes_per_source = 32  # default 32 such connections per source address
 //! idle_timeout = "1h"             # optional: close sessions idle this long
 //! max_sessions_per_identity = 32  # default 32 (0 = default): sessions one SPIFFE ID may hold
+//! shutdown_grace = "30s"          # default 30s: on SIGTERM, how long live sessions may finish
+//!
+//! [admin]
+//! socket = "eastwall.sock"        # default: <config file stem>.sock beside eastwall.toml; the
+//!                                 # Unix socket (0600) of `eastwall sessions` and `sessions kill`
 //! ```
 //!
 //! Loading checks syntax and consistency and reads the policy file; certificate, key and
@@ -127,6 +132,7 @@ pub struct Settings {
     pub mfa: MfaSettings,
     pub audit: AuditSettings,
     pub limits: Limits,
+    pub admin: AdminSettings,
     pub segments: BTreeMap<String, Vec<String>>,
     pub groups: BTreeMap<String, Vec<String>>,
     /// The policy file, resolved.
@@ -189,6 +195,14 @@ pub struct AuditSettings {
     pub path: PathBuf,
 }
 
+/// `[admin]`: how operators reach the running sidecar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminSettings {
+    /// The administrative Unix socket (`eastwall sessions`, `sessions kill`), mode 0600.
+    pub socket: PathBuf,
+    // listen: added by the metrics work
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     pub startup_timeout: Duration,
@@ -210,6 +224,8 @@ pub struct Limits {
     /// Sessions one SPIFFE ID may hold at once (admitted or being admitted), so one workload
     /// cannot take all of PostgreSQL's `max_connections`. Never unlimited.
     pub max_sessions_per_identity: usize,
+    /// On SIGTERM, how long live sessions may go on before they are ended (`shutdown`).
+    pub shutdown_grace: Duration,
 }
 
 /// `[limits] max_sessions_per_identity` when absent or 0: a third of PostgreSQL's default
@@ -238,6 +254,7 @@ struct RawFile {
     mfa: Option<RawMfa>,
     audit: Option<RawAudit>,
     limits: Option<RawLimits>,
+    admin: Option<RawAdmin>,
 }
 
 #[derive(Deserialize)]
@@ -304,6 +321,13 @@ struct RawLimits {
     max_handshakes_per_source: Option<Spanned<i64>>,
     idle_timeout: Option<Str>,
     max_sessions_per_identity: Option<Spanned<i64>>,
+    shutdown_grace: Option<Str>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    socket: Option<Str>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -478,6 +502,24 @@ impl Checker<'_> {
             );
         }
         out
+    }
+}
+
+/// `[admin]`: the socket defaults to `<config file stem>.sock` beside the config, so two
+/// configs in one folder do not share one.
+fn check_admin(c: &mut Checker<'_>, path: &Path, raw: Option<&RawAdmin>) -> AdminSettings {
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .filter(|s| !s.is_empty())
+        .unwrap_or("eastwall");
+    let default = format!("{stem}.sock");
+    AdminSettings {
+        socket: c.path_or(
+            "admin.socket",
+            raw.and_then(|a| a.socket.as_ref()),
+            &default,
+        ),
     }
 }
 
@@ -678,7 +720,13 @@ impl Settings {
                 0 => DEFAULT_MAX_SESSIONS_PER_IDENTITY,
                 n => n,
             },
+            shutdown_grace: c.duration(
+                "limits.shutdown_grace",
+                l.and_then(|l| l.shutdown_grace.as_ref()),
+                Duration::from_secs(30),
+            ),
         };
+        let admin = check_admin(&mut c, path, raw.admin.as_ref());
 
         match (trust_domain, listen_address, upstream) {
             (Some(trust_domain), Some(_), Some(upstream)) if c.problems.is_empty() => {
@@ -692,6 +740,7 @@ impl Settings {
                     mfa,
                     audit,
                     limits,
+                    admin,
                     segments,
                     groups,
                     policy_file,

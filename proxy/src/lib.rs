@@ -2,7 +2,9 @@
 //!
 //! # Layout
 //! A connection flows top to bottom through these modules:
-//! - [`server`]: the running sidecar — shared state, accept loop, upkeep, shutdown.
+//! - [`server`]: the running sidecar — start, accept loop, upkeep, drain; [`sidecar`]: what
+//!   connections share; [`registry`]: the live sessions and how to end them; [`admin`]: the
+//!   admin Unix socket (`eastwall sessions`).
 //! - [`startup`]: the front door — SSLRequest, GSSENCRequest, direct TLS, StartupMessage.
 //! - [`codec`]: the PostgreSQL wire codec, pure functions over bytes.
 //! - [`tls`]: rustls configs for both legs; CRL reload.
@@ -21,6 +23,7 @@
 //! - [`cli`]: the `eastwall` verbs, one module each.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod audit;
 pub mod cancel;
 pub mod cli;
@@ -33,9 +36,11 @@ pub mod pgcluster;
 pub mod privilege;
 pub mod quickstart;
 pub mod refusals;
+pub mod registry;
 pub mod relay;
 pub mod server;
 pub mod session;
+pub mod sidecar;
 pub mod source;
 pub mod startup;
 pub mod stepup;

@@ -27,6 +27,8 @@ enum Command {
     Mfa(cli::mfa::Args),
     /// Verify the decision log's hash chain.
     Audit(cli::audit::Args),
+    /// List the running sidecar's live sessions, or kill one.
+    Sessions(cli::sessions::Args),
     /// Play the lateral-movement story against a private PostgreSQL, in one command.
     Demo(cli::demo::Args),
 }
@@ -44,6 +46,7 @@ fn main() -> std::process::ExitCode {
         Command::Mfa(args) => cli::mfa::run(args),
         Command::Audit(args) => cli::audit::run(args),
         Command::Demo(args) => cli::demo::run(args),
+        Command::Sessions(args) => cli::sessions::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -19,9 +19,8 @@
 //! 6. Only then does AuthenticationOk reach the client, and only then do the client's own
 //!    messages (including any it pipelined after the startup) reach PostgreSQL.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::BytesMut;
@@ -37,94 +36,10 @@ use crate::codec::{self, Severity};
 use crate::identity::{self, PeerIdentity};
 use crate::mfa::MfaOutcome;
 use crate::privilege::{self, Privilege};
+use crate::registry::{self, MfaState, SessionGuard, SessionInfo};
 use crate::relay;
-use crate::server::{Sidecar, StartupSlot};
+use crate::sidecar::{Sidecar, StartupSlot};
 use crate::startup::{self, Arrival, FrontDoor};
-
-/// Which certificates are in use, and from where: one SVID is one workload, so the same
-/// certificate from two source addresses at once is an alert.
-#[derive(Default)]
-pub struct CertUsage {
-    in_use: Mutex<HashMap<String, (IpAddr, usize)>>,
-    /// Sessions per SPIFFE ID, for `[limits] max_sessions_per_identity`.
-    by_identity: Mutex<HashMap<String, usize>>,
-}
-
-impl CertUsage {
-    /// Records a session's use of a certificate; returns whether another source holds it.
-    fn acquire(self: &Arc<Self>, serial: &str, source: IpAddr) -> (CertUse, bool) {
-        let mut map = self.in_use.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = map.entry(serial.to_owned()).or_insert((source, 0));
-        let elsewhere = entry.0 != source && entry.1 > 0;
-        if entry.1 == 0 {
-            entry.0 = source;
-        }
-        entry.1 += 1;
-        (
-            CertUse {
-                usage: self.clone(),
-                serial: serial.to_owned(),
-            },
-            elsewhere,
-        )
-    }
-}
-
-/// Releases a certificate use when the session ends.
-pub struct CertUse {
-    usage: Arc<CertUsage>,
-    serial: String,
-}
-
-impl Drop for CertUse {
-    fn drop(&mut self) {
-        let mut map = self.usage.in_use.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(entry) = map.get_mut(&self.serial) {
-            entry.1 = entry.1.saturating_sub(1);
-            if entry.1 == 0 {
-                map.remove(&self.serial);
-            }
-        }
-    }
-}
-
-impl CertUsage {
-    /// A place among the sessions of `id`, or None when it already holds `max`.
-    fn acquire_identity(self: &Arc<Self>, id: &str, max: usize) -> Option<IdentitySession> {
-        let mut map = self.by_identity.lock().unwrap_or_else(|p| p.into_inner());
-        let count = map.entry(id.to_owned()).or_insert(0);
-        if *count >= max.max(1) {
-            return None;
-        }
-        *count += 1;
-        Some(IdentitySession {
-            usage: self.clone(),
-            id: id.to_owned(),
-        })
-    }
-}
-
-/// One session's place in its identity's `max_sessions_per_identity`, given back at its end.
-struct IdentitySession {
-    usage: Arc<CertUsage>,
-    id: String,
-}
-
-impl Drop for IdentitySession {
-    fn drop(&mut self) {
-        let mut map = self
-            .usage
-            .by_identity
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = map.get_mut(&self.id) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                map.remove(&self.id);
-            }
-        }
-    }
-}
 
 /// Serves one accepted TCP connection until it ends. Never panics on client input.
 /// `startup` is the connection's place in its source's pre-admission budget; it is given back
@@ -512,8 +427,19 @@ async fn admit_and_relay(
     drop(out);
 
     drop(startup_slot);
-    // Counted until the session_end line is written: a shutdown waits for it.
-    let _live = sidecar.live.enter();
+    // Registered until the session_end line is written: a shutdown waits for it.
+    let live = sidecar.sessions.register(SessionInfo {
+        conn_id: conn_id.clone(),
+        spiffe_id: identity.id.clone(),
+        serial_hex: identity.serial_hex.clone(),
+        not_after: identity.not_after,
+        source: peer,
+        role: user.clone(),
+        database: database.clone(),
+        started: SystemTime::now(),
+        mfa: mfa_state(&entry),
+        rule: entry.rule.clone(),
+    });
     let admitted = Instant::now();
     // Operators' sessions rest on an MFA assertion that ages; max_session bounds how long.
     let max_session = decision
@@ -525,11 +451,18 @@ async fn admit_and_relay(
         idle: sidecar.settings.limits.idle_timeout,
         ..relay::RelayLimits::default()
     };
-    let stop = stop_signal(&sidecar, &identity.serial_hex);
-    let mut outcome = relay::relay(&mut tls, &mut session.stream, limits, Some(stop)).await;
+    let stop = stop_signal(&sidecar, &live);
+    let mut outcome = relay::relay_counted(
+        &mut tls,
+        &mut session.stream,
+        limits,
+        Some(stop),
+        Some(live.bytes()),
+    )
+    .await;
     drop(cancel);
     if let relay::RelayEnd::Ended(ending) = &mut outcome.end {
-        let message = farewell(ending.reason, &id_text, &conn_id, max_session, limits.idle);
+        let message = farewell(&ending.reason, &id_text, &conn_id, max_session, limits.idle);
         close_ended(&sidecar, tls, session, ending, &message).await;
     }
 
@@ -553,29 +486,57 @@ async fn admit_and_relay(
         "bytes_server_to_client".into(),
         json!(outcome.server_to_client),
     );
+    if let relay::RelayEnd::Ended(ending) = &outcome.end {
+        end_details(&mut end, &ending.reason);
+    }
     if let Err(err) = sidecar.audit.record(end).await {
         tracing::error!(conn.id = %conn_id, %err, "could not log session end");
     }
+    drop(live);
 }
 
-/// What ends this session besides its client and server: a revocation of its certificate
-/// (only with a CRL configured: without one nothing can be revoked), or an end the sidecar
-/// broadcasts to every session (shutdown). Further causes join the `select!`.
-fn stop_signal(sidecar: &Sidecar, serial: &str) -> relay::StopSignal<'static> {
-    let mut all = sidecar.end_all.subscribe();
+/// The MFA fields of the allow line, for the registry.
+fn mfa_state(entry: &Entry) -> Option<MfaState> {
+    Some(MfaState {
+        method: entry.extra.get("mfa")?.as_str()?.to_owned(),
+        age_s: entry.extra.get("mfa_age_s")?.as_u64()?,
+    })
+}
+
+/// What a session_end line says beyond its reason: a lock's id, a message given.
+fn end_details(end: &mut Entry, reason: &relay::EndReason) {
+    match reason {
+        relay::EndReason::Locked { lock_id, message } => {
+            end.extra.insert("lock_id".into(), json!(lock_id));
+            end.extra.insert("message".into(), json!(message));
+        }
+        relay::EndReason::Killed { message } => {
+            end.extra.insert("message".into(), json!(message));
+        }
+        _ => {}
+    }
+}
+
+/// What ends this session besides its client and server: the registry telling it to end
+/// (kill, lock, policy change, shutdown), a revocation of its certificate (only with a CRL
+/// configured: without one nothing can be revoked), or its certificate's notAfter.
+fn stop_signal(sidecar: &Sidecar, live: &SessionGuard<'_>) -> relay::StopSignal<'static> {
+    let mut told = live.ended();
+    let info = live.info();
     let revocations = sidecar
         .settings
         .listen
         .crl
         .is_some()
-        .then(|| (sidecar.revoked.subscribe(), serial.to_owned()));
+        .then(|| (sidecar.revoked.subscribe(), info.serial_hex.clone()));
+    let expires_in = registry::time_left(info.not_after, SystemTime::now());
     Box::pin(async move {
-        let everyone = async {
+        let registry = async {
             loop {
-                if let Some(reason) = *all.borrow_and_update() {
-                    return reason;
+                if let Some(reason) = &*told.borrow_and_update() {
+                    return reason.clone();
                 }
-                if all.changed().await.is_err() {
+                if told.changed().await.is_err() {
                     return std::future::pending().await;
                 }
             }
@@ -596,15 +557,16 @@ fn stop_signal(sidecar: &Sidecar, serial: &str) -> relay::StopSignal<'static> {
         // Biased: polled on every wake-up of the relay, so no per-poll random draw.
         tokio::select! {
             biased;
-            reason = everyone => reason,
+            reason = registry => reason,
             () = revoked => relay::EndReason::Revoked,
+            () = tokio::time::sleep(expires_in) => relay::EndReason::CertExpired,
         }
     })
 }
 
 /// The FATAL's message for an end Eastwall decided.
 fn farewell(
-    reason: relay::EndReason,
+    reason: &relay::EndReason,
     id_text: &str,
     conn_id: &str,
     max_session: Option<std::time::Duration>,
@@ -622,6 +584,13 @@ fn farewell(
         ),
         relay::EndReason::Idle => format!("idle for {}", show(idle)),
         relay::EndReason::Shutdown => "the sidecar is shutting down".to_owned(),
+        relay::EndReason::Locked { message, .. } | relay::EndReason::Killed { message } => {
+            message.clone()
+        }
+        relay::EndReason::PolicyChanged => {
+            format!("the policy no longer allows this session of {id_text}")
+        }
+        relay::EndReason::CertExpired => format!("the certificate of {id_text} expired"),
     };
     format!("terminating connection: {why} (connection {conn_id})")
 }

@@ -48,3 +48,4 @@ pub mod mfa;
 pub mod policy;
 pub mod proxy;
 pub mod quickstart;
+pub mod sessions;
