@@ -18,6 +18,15 @@
 //!    upstream session is ended and the client refused (57P03).
 //! 6. Only then does AuthenticationOk reach the client, and only then do the client's own
 //!    messages (including any it pipelined after the startup) reach PostgreSQL.
+//!
+//! # Stages
+//!
+//! Admission is a chain of small functions, each taking what the previous one established
+//! and returning the next stage's input or a [`Refusal`] (its log line, SQLSTATE and
+//! message), applied in one place ([`Refusal::apply`]): [`identify_client`] →
+//! [`check_request`] → [`hold_places`] → [`decide_and_step_up`] → [`login_upstream`] →
+//! [`check_privilege`] → [`record_allow`] → [`greet`] → [`relay_and_log`], which registers
+//! the session in [`crate::registry`] for everything that may end it later.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -40,6 +49,7 @@ use crate::registry::{self, MfaState, SessionGuard, SessionInfo};
 use crate::relay;
 use crate::sidecar::{Sidecar, StartupSlot};
 use crate::startup::{self, Arrival, FrontDoor};
+use crate::upstream::UpstreamSession;
 
 /// Serves one accepted TCP connection until it ends. Never panics on client input.
 /// `startup` is the connection's place in its source's pre-admission budget; it is given back
@@ -139,27 +149,102 @@ async fn send_fatal(tls: &mut TlsStream<TcpStream>, sqlstate: &str, message: &st
     let _ = tls.shutdown().await;
 }
 
-/// A refusal inside TLS: the log gets the line first, then the client gets FATAL with our
-/// connection id. A log failure still refuses.
-async fn refuse(
-    sidecar: &Sidecar,
-    tls: &mut TlsStream<TcpStream>,
-    entry: Entry,
-    sqlstate: &str,
-    message: &str,
-) {
-    tracing::info!(
-        conn.id = %entry.conn_id,
-        spiffe_id = entry.spiffe_id.as_deref().unwrap_or("-"),
-        decision = "deny",
-        reason = %entry.reason,
-        alert = entry.alert,
-        "refused"
-    );
-    if let Err(err) = sidecar.audit.record(entry).await {
-        tracing::error!(%err, "decision log write failed");
+/// Why a connection inside TLS is not admitted: the line the log gets (first), and what the
+/// client is told. Every stage of admission returns its next stage's input or one of these;
+/// [`Refusal::apply`] is the one place they take effect.
+struct Refusal {
+    /// None when there is nothing to log (the decision log itself failed). Boxed: refusals
+    /// travel through every stage's `Result`.
+    entry: Option<Box<Entry>>,
+    reply: Reply,
+}
+
+enum Reply {
+    /// FATAL with our connection id in the message.
+    Fatal { sqlstate: String, message: String },
+    /// PostgreSQL's own ErrorResponse, unchanged (an upstream login it rejected).
+    Upstream(Vec<u8>),
+    /// Nothing: the client is gone or closed at the prompt.
+    Close,
+}
+
+impl Refusal {
+    fn fatal(entry: Entry, sqlstate: &str, message: String) -> Self {
+        Refusal {
+            entry: Some(Box::new(entry)),
+            reply: Reply::Fatal {
+                sqlstate: sqlstate.to_owned(),
+                message,
+            },
+        }
     }
-    send_fatal(tls, sqlstate, message).await;
+
+    /// Logs (a log failure still refuses), then tells the client and closes.
+    async fn apply(self, sidecar: &Sidecar, tls: &mut TlsStream<TcpStream>) {
+        if let Some(entry) = self.entry {
+            tracing::info!(
+                conn.id = %entry.conn_id,
+                spiffe_id = entry.spiffe_id.as_deref().unwrap_or("-"),
+                decision = entry.decision.unwrap_or("-"),
+                reason = %entry.reason,
+                alert = entry.alert,
+                "refused"
+            );
+            if let Err(err) = sidecar.audit.record(*entry).await {
+                tracing::error!(%err, "decision log write failed");
+            }
+        }
+        match self.reply {
+            Reply::Fatal { sqlstate, message } => send_fatal(tls, &sqlstate, &message).await,
+            Reply::Upstream(raw) => {
+                let _ = tls.write_all(&raw).await;
+                let _ = tls.shutdown().await;
+            }
+            Reply::Close => {}
+        }
+    }
+}
+
+/// A client inside TLS, from its identity on: who it is, what it asks, and the log entry
+/// its decision line is built in.
+struct Candidate {
+    conn_id: String,
+    peer: SocketAddr,
+    user: String,
+    database: String,
+    identity: PeerIdentity,
+    id_text: String,
+    entry: Entry,
+}
+
+impl Candidate {
+    /// A deny with `reason`; the entry goes into the refusal.
+    fn deny(&mut self, reason: &str, sqlstate: &str, message: String) -> Refusal {
+        let mut entry = std::mem::take(&mut self.entry);
+        entry.decision = Some("deny");
+        entry.reason = reason.into();
+        Refusal::fatal(entry, sqlstate, message)
+    }
+
+    /// As [`Candidate::deny`], with Eastwall's own explanation as `detail`.
+    fn deny_with(
+        &mut self,
+        reason: &str,
+        detail: String,
+        sqlstate: &str,
+        message: String,
+    ) -> Refusal {
+        self.entry.extra.insert("detail".into(), json!(detail));
+        self.deny(reason, sqlstate, message)
+    }
+}
+
+/// The places an admitted session holds until it ends.
+struct Places {
+    _cert_use: crate::sidecar::CertUse,
+    _identity_session: crate::sidecar::IdentitySession,
+    /// The same certificate is in use from another source address.
+    cert_elsewhere: bool,
 }
 
 async fn admit_and_relay(
@@ -176,6 +261,57 @@ async fn admit_and_relay(
         leftover,
         ..
     } = arrival;
+    let admitted = admit(&sidecar, conn_id, peer, &mut tls, &startup, auth_time_left).await;
+    let (candidate, decision, places, mut session) = match admitted {
+        Ok(admitted) => admitted,
+        Err(refusal) => return refusal.apply(&sidecar, &mut tls).await,
+    };
+    let Some(cancel) = greet(
+        &sidecar,
+        &candidate,
+        &mut tls,
+        &startup,
+        &mut session,
+        &leftover,
+    )
+    .await
+    else {
+        return;
+    };
+    drop(startup_slot);
+    relay_and_log(&sidecar, candidate, decision, tls, session, cancel).await;
+    drop(places);
+}
+
+/// Admission, stage by stage; PostgreSQL hears nothing before the upstream login, and the
+/// client nothing but refusals before the allow line is durable.
+async fn admit(
+    sidecar: &Sidecar,
+    conn_id: String,
+    peer: SocketAddr,
+    tls: &mut TlsStream<TcpStream>,
+    startup: &codec::StartupMessage,
+    auth_time_left: std::time::Duration,
+) -> Result<(Candidate, Decision, Places, UpstreamSession), Refusal> {
+    let mut candidate = identify_client(sidecar, conn_id, peer, tls, startup)?;
+    let forwarded = check_request(&mut candidate, startup)?;
+    let places = hold_places(sidecar, &mut candidate)?;
+    let decision =
+        decide_and_step_up(sidecar, &mut candidate, tls, auth_time_left, &places).await?;
+    let mut session = login_upstream(sidecar, &mut candidate, &forwarded).await?;
+    check_privilege(sidecar, &mut candidate, &decision, &mut session).await?;
+    record_allow(sidecar, &mut candidate, &mut session).await?;
+    Ok((candidate, decision, places, session))
+}
+
+/// Identity first: nothing about the request matters until we know who asks.
+fn identify_client(
+    sidecar: &Sidecar,
+    conn_id: String,
+    peer: SocketAddr,
+    tls: &TlsStream<TcpStream>,
+    startup: &codec::StartupMessage,
+) -> Result<Candidate, Refusal> {
     let user = startup.param("user").unwrap_or("").to_owned();
     let database = match startup.param("database") {
         Some(db) if !db.is_empty() => db.to_owned(),
@@ -189,8 +325,6 @@ async fn admit_and_relay(
             .extra
             .insert("tls_version".into(), json!(format!("{version:?}")));
     }
-
-    // Identity first: nothing about the request matters until we know who asks.
     let identity = match identity::identify(
         tls.get_ref().1.peer_certificates(),
         &sidecar.settings.trust_domain,
@@ -201,204 +335,257 @@ async fn admit_and_relay(
             entry.reason = err.reason().into();
             entry.extra.insert("detail".into(), json!(err.to_string()));
             let message = format!("{err} (connection {conn_id})");
-            return refuse(&sidecar, &mut tls, entry, "28000", &message).await;
+            return Err(Refusal::fatal(entry, "28000", message));
         }
     };
     entry.spiffe_id = Some(identity.id.to_string());
     entry.cert_serial = Some(identity.serial_hex.clone());
-    let id_text = identity.id.to_string();
+    Ok(Candidate {
+        conn_id,
+        peer,
+        user,
+        database,
+        id_text: identity.id.to_string(),
+        identity,
+        entry,
+    })
+}
 
+/// The request itself: protocol, user, no replication, names PostgreSQL uses as they are,
+/// and only startup settings that cannot change who the session is (they are returned).
+fn check_request(
+    c: &mut Candidate,
+    startup: &codec::StartupMessage,
+) -> Result<Vec<(String, String)>, Refusal> {
+    let conn_id = c.conn_id.clone();
     if startup.version >> 16 != 3 {
-        entry.decision = Some("deny");
-        entry.reason = "unsupported_protocol".into();
         let message = format!(
             "unsupported frontend protocol {}.{}: Eastwall speaks 3.0",
             startup.version >> 16,
             startup.version & 0xffff
         );
-        return refuse(&sidecar, &mut tls, entry, "0A000", &message).await;
+        return Err(c.deny("unsupported_protocol", "0A000", message));
     }
-    if user.is_empty() {
-        entry.decision = Some("deny");
-        entry.reason = "no_user".into();
+    if c.user.is_empty() {
         let message = format!("no PostgreSQL user name specified (connection {conn_id})");
-        return refuse(&sidecar, &mut tls, entry, "28000", &message).await;
+        return Err(c.deny("no_user", "28000", message));
     }
     if startup
         .param("replication")
         .is_some_and(|v| v != "false" && v != "off" && v != "0")
     {
-        entry.decision = Some("deny");
-        entry.reason = "replication_refused".into();
         let message = format!(
-            "replication connections are not allowed through Eastwall for {id_text} (connection {conn_id})"
+            "replication connections are not allowed through Eastwall for {} (connection {conn_id})",
+            c.id_text
         );
-        return refuse(&sidecar, &mut tls, entry, "28000", &message).await;
+        return Err(c.deny("replication_refused", "28000", message));
     }
-
     // PostgreSQL cuts names at 63 bytes: judge only names it will use as they are.
-    for (what, name) in [("user", &user), ("database", &database)] {
-        if name.len() > crate::params::MAX_NAME_BYTES {
-            entry.decision = Some("deny");
-            entry.reason = "name_too_long".into();
+    for (what, len) in [("user", c.user.len()), ("database", c.database.len())] {
+        if len > crate::params::MAX_NAME_BYTES {
             let message = format!(
-                "{what} name of {} bytes is longer than PostgreSQL's limit of {} bytes (connection {conn_id})",
-                name.len(),
+                "{what} name of {len} bytes is longer than PostgreSQL's limit of {} bytes (connection {conn_id})",
                 crate::params::MAX_NAME_BYTES
             );
-            return refuse(&sidecar, &mut tls, entry, "28000", &message).await;
+            return Err(c.deny("name_too_long", "28000", message));
         }
     }
-    // Only settings that cannot change who the session is reach PostgreSQL.
-    let forwarded = match crate::params::screen(&startup.params) {
-        Ok(forwarded) => forwarded,
-        Err(err) => {
-            entry.decision = Some("deny");
-            entry.reason = err.reason().into();
-            entry.extra.insert("detail".into(), json!(err.to_string()));
-            let message = format!("{err} (connection {conn_id})");
-            return refuse(&sidecar, &mut tls, entry, "28000", &message).await;
-        }
-    };
+    crate::params::screen(&startup.params).map_err(|err| {
+        let message = format!("{err} (connection {conn_id})");
+        c.deny_with(err.reason(), err.to_string(), "28000", message)
+    })
+}
 
-    let (cert_use, cert_elsewhere) = sidecar.cert_usage.acquire(&identity.serial_hex, peer.ip());
-    let _cert_use = cert_use;
-    // One workload must not take all of PostgreSQL's max_connections: sessions being admitted
-    // count too, so a burst cannot overshoot.
+/// The certificate's use (reuse from another source is an alert) and the identity's place
+/// among its sessions: one workload must not take all of PostgreSQL's max_connections, and
+/// sessions being admitted count too, so a burst cannot overshoot.
+fn hold_places(sidecar: &Sidecar, c: &mut Candidate) -> Result<Places, Refusal> {
+    let (cert_use, cert_elsewhere) = sidecar
+        .cert_usage
+        .acquire(&c.identity.serial_hex, c.peer.ip());
     let max_sessions = sidecar.settings.limits.max_sessions_per_identity;
-    let Some(_identity_session) = sidecar.cert_usage.acquire_identity(&id_text, max_sessions)
+    let Some(identity_session) = sidecar
+        .cert_usage
+        .acquire_identity(&c.id_text, max_sessions)
     else {
-        entry.decision = Some("deny");
-        entry.reason = "identity_session_limit".into();
         let message = format!(
-            "too many sessions for {id_text}: it already holds limits.max_sessions_per_identity = {max_sessions} (connection {conn_id})"
+            "too many sessions for {}: it already holds limits.max_sessions_per_identity = {max_sessions} (connection {})",
+            c.id_text, c.conn_id
         );
-        return refuse(&sidecar, &mut tls, entry, "53300", &message).await;
+        return Err(c.deny("identity_session_limit", "53300", message));
     };
+    Ok(Places {
+        _cert_use: cert_use,
+        _identity_session: identity_session,
+        cert_elsewhere,
+    })
+}
 
-    let mut decision = decide(&sidecar, &identity, peer.ip(), &user, &database, false);
+/// The policy decision and, for operators, the MFA step-up; the entry carries the result.
+async fn decide_and_step_up(
+    sidecar: &Sidecar,
+    c: &mut Candidate,
+    tls: &mut TlsStream<TcpStream>,
+    auth_time_left: std::time::Duration,
+    places: &Places,
+) -> Result<Decision, Refusal> {
+    let (source, conn_id, id_text) = (c.peer.ip(), c.conn_id.clone(), c.id_text.clone());
+    let mut decision = decide(sidecar, &c.identity, source, &c.user, &c.database, false);
     let mut mfa_fields = Map::new();
     if decision.verdict == Verdict::Challenge {
-        match step_up(&sidecar, &mut tls, &identity, peer.ip(), auth_time_left).await {
+        fill_decision(&mut c.entry, &decision);
+        match step_up(sidecar, tls, &c.identity, source, auth_time_left).await {
             StepUp::Closed => {
                 // psql's first connection: it saw the prompt and will reconnect with the
                 // code. Neither a failure nor a use — one challenge line.
-                fill_decision(&mut entry, &decision);
-                entry.event = "mfa_challenge";
-                let _ = sidecar.audit.record(entry).await;
-                return;
+                c.entry.event = "mfa_challenge";
+                return Err(Refusal {
+                    entry: Some(Box::new(std::mem::take(&mut c.entry))),
+                    reply: Reply::Close,
+                });
             }
-            StepUp::Outcome(outcome) => match outcome {
-                MfaOutcome::Accepted { method, mfa_age_s } => {
-                    mfa_fields.insert("mfa".into(), json!(method));
-                    mfa_fields.insert("mfa_age_s".into(), json!(mfa_age_s));
-                    decision = decide(&sidecar, &identity, peer.ip(), &user, &database, true);
-                }
-                MfaOutcome::Rejected { reason } => {
-                    fill_decision(&mut entry, &decision);
-                    entry.event = "mfa_failure";
-                    entry.decision = Some("deny");
-                    entry.reason = format!("mfa_{reason}");
-                    let message = format!("MFA code rejected for {id_text} (connection {conn_id})");
-                    return refuse(&sidecar, &mut tls, entry, "28P01", &message).await;
-                }
-                MfaOutcome::LockedOut { first } => {
-                    fill_decision(&mut entry, &decision);
-                    entry.event = "mfa_lockout";
-                    entry.decision = Some("deny");
-                    entry.reason = "mfa_locked_out".into();
-                    entry.alert = first;
-                    let message = format!(
-                        "too many failed MFA attempts for {id_text}; try again later (connection {conn_id})"
-                    );
-                    return refuse(&sidecar, &mut tls, entry, "28P01", &message).await;
-                }
-            },
+            StepUp::Outcome(MfaOutcome::Accepted { method, mfa_age_s }) => {
+                mfa_fields.insert("mfa".into(), json!(method));
+                mfa_fields.insert("mfa_age_s".into(), json!(mfa_age_s));
+                decision = decide(sidecar, &c.identity, source, &c.user, &c.database, true);
+            }
+            StepUp::Outcome(MfaOutcome::Rejected { reason }) => {
+                c.entry.event = "mfa_failure";
+                let message = format!("MFA code rejected for {id_text} (connection {conn_id})");
+                return Err(c.deny(&format!("mfa_{reason}"), "28P01", message));
+            }
+            StepUp::Outcome(MfaOutcome::LockedOut { first }) => {
+                c.entry.event = "mfa_lockout";
+                c.entry.alert = first;
+                let message = format!(
+                    "too many failed MFA attempts for {id_text}; try again later (connection {conn_id})"
+                );
+                return Err(c.deny("mfa_locked_out", "28P01", message));
+            }
             StepUp::Violation(detail) => {
-                fill_decision(&mut entry, &decision);
-                entry.event = "mfa_failure";
-                entry.decision = Some("deny");
-                entry.reason = "protocol_violation".into();
-                entry.extra.insert("detail".into(), json!(detail));
+                c.entry.event = "mfa_failure";
                 let message =
                     format!("protocol violation during MFA step-up (connection {conn_id})");
-                return refuse(&sidecar, &mut tls, entry, "08P01", &message).await;
+                return Err(c.deny_with("protocol_violation", detail, "08P01", message));
             }
         }
     }
-    fill_decision(&mut entry, &decision);
-    entry.extra.extend(mfa_fields);
-    if cert_elsewhere {
-        entry.alert = true;
-        entry.extra.insert(
+    fill_decision(&mut c.entry, &decision);
+    c.entry.extra.extend(mfa_fields);
+    if places.cert_elsewhere {
+        c.entry.alert = true;
+        c.entry.extra.insert(
             "cert_reuse".into(),
             json!("certificate in use from another source address"),
         );
     }
     if decision.verdict != Verdict::Allow {
-        entry.decision = Some("deny");
         let message = format!("access denied for {id_text} (connection {conn_id})");
-        return refuse(&sidecar, &mut tls, entry, "28000", &message).await;
+        let mut entry = std::mem::take(&mut c.entry);
+        entry.decision = Some("deny");
+        return Err(Refusal::fatal(entry, "28000", message));
     }
+    Ok(decision)
+}
 
-    // The proxy logs in on its own as the granted role, with the screened settings.
+/// The proxy logs in on its own as the granted role, with the screened settings.
+async fn login_upstream(
+    sidecar: &Sidecar,
+    c: &mut Candidate,
+    forwarded: &[(String, String)],
+) -> Result<UpstreamSession, Refusal> {
     let forwarded: Vec<(&str, &str)> = forwarded
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
-    let mut session = match sidecar.upstream.login(&user, &database, &forwarded).await {
-        Ok(session) => session,
+    match sidecar
+        .upstream
+        .login(&c.user, &c.database, &forwarded)
+        .await
+    {
+        Ok(session) => Ok(session),
         Err(err) => {
-            entry.decision = Some("deny");
-            entry.reason = "upstream_login_failed".into();
-            entry.extra.insert("detail".into(), json!(err.to_string()));
-            tracing::warn!(conn.id = %conn_id, %err, "upstream login failed");
-            let _ = sidecar.audit.record(entry).await;
+            tracing::warn!(conn.id = %c.conn_id, %err, "upstream login failed");
+            let message = format!("{err} (connection {})", c.conn_id);
+            let mut refusal = c.deny_with(
+                "upstream_login_failed",
+                err.to_string(),
+                err.sqlstate(),
+                message,
+            );
             if let crate::upstream::UpstreamError::Rejected { raw, .. } = &err {
                 // The client sees PostgreSQL's own error, unchanged.
-                let _ = tls.write_all(raw).await;
-                let _ = tls.shutdown().await;
-            } else {
-                let message = format!("{err} (connection {conn_id})");
-                send_fatal(&mut tls, err.sqlstate(), &message).await;
+                refusal.reply = Reply::Upstream(raw.to_vec());
             }
-            return;
+            Err(refusal)
         }
-    };
+    }
+}
+
+/// The proxy's own privilege check on the upstream session; a refusal ends it first.
+async fn check_privilege(
+    sidecar: &Sidecar,
+    c: &mut Candidate,
+    decision: &Decision,
+    session: &mut UpstreamSession,
+) -> Result<(), Refusal> {
+    let (user, id_text, conn_id) = (&c.user, &c.id_text, &c.conn_id);
     // A role named by an `as:` line may be anything, superuser included; any other role is
     // asked of the catalog, since the session could later become whatever it is a member of.
     if !decision.role_named_by_rule {
         let timeout = sidecar.settings.upstream.connect_timeout;
-        if let Privilege::SuperuserEquivalent(why) = privilege::check(&mut session, timeout).await {
-            entry.decision = Some("deny");
-            entry.reason = "superuser_role".into();
-            entry.extra.insert("detail".into(), json!(why));
+        if let Privilege::SuperuserEquivalent(why) = privilege::check(session, timeout).await {
             let _ = terminate(&mut session.stream).await;
             let message = format!(
                 "role {user:?} is superuser-equivalent ({why}); no policy rule grants it by name to {id_text} (connection {conn_id})"
             );
-            return refuse(&sidecar, &mut tls, entry, "28000", &message).await;
+            return Err(c.deny_with("superuser_role", why.to_string(), "28000", message));
         }
     }
+    Ok(())
+}
 
-    // Fail closed: without a durable allow line, nobody is admitted.
-    if let Err(err) = sidecar.audit.record(entry.clone()).await {
-        tracing::error!(conn.id = %conn_id, %err, "decision log write failed; refusing");
+/// Fail closed: without a durable allow line, nobody is admitted.
+async fn record_allow(
+    sidecar: &Sidecar,
+    c: &mut Candidate,
+    session: &mut UpstreamSession,
+) -> Result<(), Refusal> {
+    if let Err(err) = sidecar.audit.record(c.entry.clone()).await {
+        tracing::error!(conn.id = %c.conn_id, %err, "decision log write failed; refusing");
         let _ = terminate(&mut session.stream).await;
         let message = format!(
-            "Eastwall cannot write its decision log; refusing connections (connection {conn_id})"
+            "Eastwall cannot write its decision log; refusing connections (connection {})",
+            c.conn_id
         );
-        send_fatal(&mut tls, "57P03", &message).await;
-        return;
+        return Err(Refusal {
+            entry: None,
+            reply: Reply::Fatal {
+                sqlstate: "57P03".into(),
+                message,
+            },
+        });
     }
-    tracing::info!(conn.id = %conn_id, spiffe_id = %id_text, db.user = %user, db.name = %database, decision = "allow", "admitted");
+    tracing::info!(conn.id = %c.conn_id, spiffe_id = %c.id_text, db.user = %c.user, db.name = %c.database, decision = "allow", "admitted");
+    Ok(())
+}
 
+/// Only now does AuthenticationOk reach the client (with our cancel key), and only now do
+/// the client's own pipelined messages reach PostgreSQL. None when either side is gone.
+async fn greet(
+    sidecar: &Sidecar,
+    c: &Candidate,
+    tls: &mut TlsStream<TcpStream>,
+    startup: &codec::StartupMessage,
+    session: &mut UpstreamSession,
+    leftover: &[u8],
+) -> Option<crate::cancel::CancelGuard> {
     let cancel = sidecar.cancels.register(
         BackendKey {
             pid: session.backend_pid,
             key: session.backend_key.clone(),
         },
-        &conn_id,
+        &c.conn_id,
     );
     let mut out = BytesMut::with_capacity(512);
     let unsupported: Vec<&str> = startup
@@ -419,14 +606,33 @@ async fn admit_and_relay(
     codec::put_ready_for_query(&mut out, session.transaction_status);
     if tls.write_all(&out).await.is_err() || tls.flush().await.is_err() {
         let _ = terminate(&mut session.stream).await;
-        return;
+        return None;
     }
-    if !leftover.is_empty() && session.stream.write_all(&leftover).await.is_err() {
-        return;
+    if !leftover.is_empty() && session.stream.write_all(leftover).await.is_err() {
+        return None;
     }
-    drop(out);
+    Some(cancel)
+}
 
-    drop(startup_slot);
+/// The admitted session: registered (kills, locks, reloads, expiry, drain reach it there),
+/// relayed, closed by whichever end, and its session_end line written.
+async fn relay_and_log(
+    sidecar: &Sidecar,
+    c: Candidate,
+    decision: Decision,
+    mut tls: TlsStream<TcpStream>,
+    mut session: UpstreamSession,
+    cancel: crate::cancel::CancelGuard,
+) {
+    let Candidate {
+        conn_id,
+        peer,
+        user,
+        database,
+        identity,
+        id_text,
+        entry,
+    } = c;
     // Registered until the session_end line is written: a shutdown waits for it.
     let live = sidecar.sessions.register(SessionInfo {
         conn_id: conn_id.clone(),
@@ -451,7 +657,7 @@ async fn admit_and_relay(
         idle: sidecar.settings.limits.idle_timeout,
         ..relay::RelayLimits::default()
     };
-    let stop = stop_signal(&sidecar, &live);
+    let stop = stop_signal(sidecar, &live);
     let mut outcome = relay::relay_counted(
         &mut tls,
         &mut session.stream,
@@ -463,7 +669,7 @@ async fn admit_and_relay(
     drop(cancel);
     if let relay::RelayEnd::Ended(ending) = &mut outcome.end {
         let message = farewell(&ending.reason, &id_text, &conn_id, max_session, limits.idle);
-        close_ended(&sidecar, tls, session, ending, &message).await;
+        close_ended(sidecar, tls, session, ending, &message).await;
     }
 
     let mut end = sidecar.entry(&conn_id, peer, "session_end");

@@ -515,11 +515,15 @@ mod tests {
             reason: "no_tls".into(),
             ..Entry::default()
         };
-        entry.extra.insert("detail".into(), "d".repeat(100).into());
+        entry.extra.insert("detail".into(), "d".repeat(1000).into());
         cap_unauthenticated(&mut entry);
         assert_eq!(entry.db_user.as_deref().map(str::len), Some(64));
         assert_eq!(entry.database.as_deref().map(str::len), Some(64));
-        assert_eq!(entry.extra["detail"].as_str().map(str::len), Some(64));
+        assert_eq!(
+            entry.extra["detail"].as_str().map(str::len),
+            Some(refusals::UNAUTHENTICATED_DETAIL_BYTES),
+            "our own detail keeps more room"
+        );
         assert_eq!(entry.extra["truncated"], true);
         assert_eq!(entry.reason, "no_tls", "our own reason is not touched");
 
