@@ -68,10 +68,13 @@
 //! max_handshakes_per_source = 32  # default 32 such connections per source address
 //! idle_timeout = "1h"             # optional: close sessions idle this long
 //! max_sessions_per_identity = 32  # default 32 (0 = default): sessions one SPIFFE ID may hold
+//! shutdown_grace = "30s"          # default 30s: on SIGTERM, how long live sessions may finish
 //!
 //! [admin]
 //! listen = "127.0.0.1:9187"       # default: plain HTTP /healthz, /readyz, /metrics; "off" or ""
 //!                                 # turns it off; a non-loopback address is allowed (warned)
+//! socket = "eastwall.sock"        # default: <config file stem>.sock beside eastwall.toml; the
+//!                                 # Unix socket (0600) of `eastwall sessions` and `sessions kill`
 //! ```
 //!
 //! Loading checks syntax and consistency and reads the policy file; certificate, key and
@@ -221,6 +224,8 @@ pub struct Limits {
     /// Sessions one SPIFFE ID may hold at once (admitted or being admitted), so one workload
     /// cannot take all of PostgreSQL's `max_connections`. Never unlimited.
     pub max_sessions_per_identity: usize,
+    /// On SIGTERM, how long live sessions may go on before they are ended (`shutdown`).
+    pub shutdown_grace: Duration,
 }
 
 /// `[admin]`: the operator's side of the sidecar.
@@ -229,7 +234,8 @@ pub struct AdminSettings {
     /// `listen`: where plain HTTP serves `/healthz`, `/readyz` and `/metrics` (read-only;
     /// no administrative verb is ever served there). None when `"off"` or empty.
     pub listen: Option<SocketAddr>,
-    // socket: added by the live work
+    /// The administrative Unix socket (`eastwall sessions`, `sessions kill`), mode 0600.
+    pub socket: PathBuf,
 }
 
 /// `[admin] listen` when absent.
@@ -270,7 +276,7 @@ struct RawFile {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     listen: Option<Str>,
-    // socket: added by the live work
+    socket: Option<Str>,
 }
 
 #[derive(Deserialize)]
@@ -343,6 +349,7 @@ struct RawLimits {
     max_handshakes_per_source: Option<Spanned<i64>>,
     idle_timeout: Option<Str>,
     max_sessions_per_identity: Option<Spanned<i64>>,
+    shutdown_grace: Option<Str>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -517,6 +524,29 @@ impl Checker<'_> {
             );
         }
         out
+    }
+}
+
+/// `[admin]`: the socket defaults to `<config file stem>.sock` beside the config, so two
+/// configs in one folder do not share one.
+fn check_admin(c: &mut Checker<'_>, path: &Path, raw: Option<&RawAdmin>) -> AdminSettings {
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .filter(|s| !s.is_empty())
+        .unwrap_or("eastwall");
+    let default = format!("{stem}.sock");
+    AdminSettings {
+        listen: match raw.and_then(|a| a.listen.as_ref()) {
+            None => Some(DEFAULT_ADMIN_LISTEN),
+            Some(v) if matches!(v.get_ref().trim(), "" | "off") => None,
+            Some(v) => c.socket_addr("admin.listen", v),
+        },
+        socket: c.path_or(
+            "admin.socket",
+            raw.and_then(|a| a.socket.as_ref()),
+            &default,
+        ),
     }
 }
 
@@ -717,15 +747,13 @@ impl Settings {
                 0 => DEFAULT_MAX_SESSIONS_PER_IDENTITY,
                 n => n,
             },
+            shutdown_grace: c.duration(
+                "limits.shutdown_grace",
+                l.and_then(|l| l.shutdown_grace.as_ref()),
+                Duration::from_secs(30),
+            ),
         };
-
-        let admin = AdminSettings {
-            listen: match raw.admin.as_ref().and_then(|a| a.listen.as_ref()) {
-                None => Some(DEFAULT_ADMIN_LISTEN),
-                Some(v) if matches!(v.get_ref().trim(), "" | "off") => None,
-                Some(v) => c.socket_addr("admin.listen", v),
-            },
-        };
+        let admin = check_admin(&mut c, path, raw.admin.as_ref());
         let locks_file = check_locks_file(&mut c, raw.locks.as_ref(), &policy_file, &audit.path);
 
         match (trust_domain, listen_address, upstream) {

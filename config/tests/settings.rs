@@ -382,3 +382,22 @@ fn loaded_policy_decides_with_the_configured_segments() {
     );
     assert_eq!(d.verdict, Verdict::Allow);
 }
+
+#[test]
+fn admin_socket_and_shutdown_grace_have_safe_defaults_and_refuse_nonsense() {
+    let s = settings(MINIMAL).unwrap();
+    assert_eq!(s.admin.socket, PathBuf::from("/etc/eastwall/eastwall.sock"));
+    assert_eq!(s.limits.shutdown_grace, Duration::from_secs(30));
+    let set = settings(&format!(
+        "{MINIMAL}\n[admin]\nsocket = \"run/ew.sock\"\n\n[limits]\nshutdown_grace = \"2s\"\n"
+    ))
+    .unwrap();
+    assert_eq!(set.admin.socket, PathBuf::from("/etc/eastwall/run/ew.sock"));
+    assert_eq!(set.limits.shutdown_grace, Duration::from_secs(2));
+    let lines = refused(&format!("{MINIMAL}\n[admin]\nsocket = \"\"\n"));
+    has(&lines, "admin.socket");
+    let lines = refused(&format!("{MINIMAL}\n[limits]\nshutdown_grace = \"0s\"\n"));
+    has(&lines, "limits.shutdown_grace");
+    let lines = refused(&format!("{MINIMAL}\n[admin]\nsockets = \"x\"\n"));
+    has(&lines, "sockets");
+}

@@ -2,7 +2,9 @@
 //!
 //! # Layout
 //! A connection flows top to bottom through these modules:
-//! - [`server`]: the running sidecar — shared state, accept loop, upkeep, shutdown.
+//! - [`server`]: the running sidecar — start, accept loop, upkeep, drain; [`sidecar`]: what
+//!   connections share; [`registry`]: the live sessions and how to end them; [`admin_socket`]:
+//!   the admin Unix socket (`eastwall sessions`).
 //! - [`startup`]: the front door — SSLRequest, GSSENCRequest, direct TLS, StartupMessage.
 //! - [`codec`]: the PostgreSQL wire codec, pure functions over bytes.
 //! - [`tls`]: rustls configs for both legs; CRL reload.
@@ -25,23 +27,26 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admin_socket;
 pub mod audit;
 pub mod cancel;
 pub mod cli;
 pub mod codec;
 pub mod demo;
 pub mod identity;
-pub mod metrics;
 pub mod locks;
+pub mod metrics;
 pub mod mfa;
 pub mod params;
 pub mod pgcluster;
 pub mod privilege;
 pub mod quickstart;
 pub mod refusals;
+pub mod registry;
 pub mod relay;
 pub mod server;
 pub mod session;
+pub mod sidecar;
 pub mod source;
 pub mod startup;
 pub mod stepup;

@@ -29,6 +29,8 @@ enum Command {
     Audit(cli::audit::Args),
     /// Lock out an identity pattern, certificate serial, source range or role; list; lift.
     Lock(cli::lock::Args),
+    /// List the running sidecar's live sessions, or kill one.
+    Sessions(cli::sessions::Args),
     /// Play the lateral-movement story against a private PostgreSQL, in one command.
     Demo(cli::demo::Args),
 }
@@ -47,6 +49,7 @@ fn main() -> std::process::ExitCode {
         Command::Audit(args) => cli::audit::run(args),
         Command::Lock(args) => cli::lock::run(args),
         Command::Demo(args) => cli::demo::run(args),
+        Command::Sessions(args) => cli::sessions::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -27,6 +27,7 @@ use std::cell::RefCell;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -46,7 +47,10 @@ thread_local! {
 }
 
 /// Why Eastwall ended a session that both sides still wanted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// Not `Copy` (a lock or a kill carries its message), but the relay only moves it: the hot
+/// path allocates nothing for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EndReason {
     /// The client's certificate was revoked (a CRL reload named its serial).
     Revoked,
@@ -56,18 +60,38 @@ pub enum EndReason {
     Idle,
     /// The sidecar is shutting down.
     Shutdown,
+    /// A lock matches the session (identity, serial, source or role).
+    Locked { lock_id: String, message: String },
+    /// An administrator ended it (`eastwall sessions kill`).
+    Killed { message: String },
+    /// A reloaded policy no longer allows it.
+    PolicyChanged,
+    /// The client's certificate reached its notAfter.
+    CertExpired,
 }
 
 impl EndReason {
     /// The `reason` of the session_end line.
-    pub fn reason(self) -> &'static str {
+    pub fn reason(&self) -> &'static str {
         match self {
             EndReason::Revoked => "revoked",
             EndReason::MaxSession => "max_session",
             EndReason::Idle => "idle_timeout",
             EndReason::Shutdown => "shutdown",
+            EndReason::Locked { .. } => "locked",
+            EndReason::Killed { .. } => "killed",
+            EndReason::PolicyChanged => "policy_changed",
+            EndReason::CertExpired => "cert_expired",
         }
     }
+}
+
+/// Live byte counters of one session, bumped once per relayed chunk (Relaxed: they are
+/// read only for `eastwall sessions` and metrics, never to synchronise anything).
+#[derive(Debug, Default)]
+pub struct LiveBytes {
+    pub client_to_server: AtomicU64,
+    pub server_to_client: AtomicU64,
 }
 
 /// An input that, when it completes, ends the session with the reason it yields. One
@@ -207,7 +231,7 @@ impl Boundaries {
 
 /// One direction of the pipe.
 #[derive(Default)]
-struct Pump {
+struct Pump<'a> {
     /// Bytes read but not yet accepted by the writer; empty (unallocated) when caught up.
     pending: Vec<u8>,
     written: usize,
@@ -218,6 +242,8 @@ struct Pump {
     bytes: u64,
     /// Set when this direction's message boundaries are followed.
     boundaries: Option<Boundaries>,
+    /// The session's live counter for this direction (see [`LiveBytes`]).
+    live: Option<&'a AtomicU64>,
 }
 
 /// Which side an I/O error came from.
@@ -226,7 +252,7 @@ enum Side {
     Write(io::Error),
 }
 
-impl Pump {
+impl Pump<'_> {
     /// Writes what is pending; Ready(Ok) once caught up (the memory is given back).
     fn poll_write_pending<W: AsyncWrite + Unpin>(
         &mut self,
@@ -280,6 +306,9 @@ impl Pump {
                         filled = boundaries.consume(&scratch[..filled], to_boundary);
                     }
                     self.bytes += filled as u64;
+                    if let Some(live) = self.live {
+                        live.fetch_add(filled as u64, Ordering::Relaxed);
+                    }
                     self.needs_flush = true;
                     let mut off = 0;
                     while off < filled {
@@ -416,13 +445,30 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    relay_counted(client, server, limits, stop, None).await
+}
+
+/// [`relay`], also counting the bytes as they cross into `live` (one Relaxed add per chunk).
+pub async fn relay_counted<C, S>(
+    client: &mut C,
+    server: &mut S,
+    limits: RelayLimits,
+    stop: Option<StopSignal<'_>>,
+    live: Option<&LiveBytes>,
+) -> RelayOutcome
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut up = Pump {
         boundaries: Some(Boundaries::default()),
+        live: live.map(|l| &l.client_to_server),
         ..Pump::default()
     };
     let can_end = limits.deadline.is_some() || limits.idle.is_some() || stop.is_some();
     let mut down = Pump {
         boundaries: can_end.then(Boundaries::default),
+        live: live.map(|l| &l.server_to_client),
         ..Pump::default()
     };
     let mut stop = stop;
@@ -490,6 +536,9 @@ where
             // What the client sent and the server did not take yet is never sent.
             let unsent = up.take_pending();
             up.bytes -= unsent.len() as u64;
+            if let Some(live) = up.live {
+                live.fetch_sub(unsent.len() as u64, Ordering::Relaxed);
+            }
             let upstream_at_boundary =
                 unsent.is_empty() && up.boundaries.as_ref().is_some_and(Boundaries::at_boundary);
             drop(unsent);
@@ -520,7 +569,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -18,10 +18,18 @@
 //!    upstream session is ended and the client refused (57P03).
 //! 6. Only then does AuthenticationOk reach the client, and only then do the client's own
 //!    messages (including any it pipelined after the startup) reach PostgreSQL.
+//!
+//! # Stages
+//!
+//! Admission is a chain of small functions, each taking what the previous one established
+//! and returning the next stage's input or a [`Refusal`] (its log line, SQLSTATE and
+//! message), applied in one place ([`Refusal::apply`]): [`identify_client`] →
+//! [`check_request`] → [`hold_places`] → [`decide_and_step_up`] → [`login_upstream`] →
+//! [`check_privilege`] → [`record_allow`] → [`greet`] → [`relay_and_log`], which registers
+//! the session in [`crate::registry`] for everything that may end it later.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::BytesMut;
@@ -37,94 +45,11 @@ use crate::codec::{self, Severity};
 use crate::identity::{self, PeerIdentity};
 use crate::mfa::MfaOutcome;
 use crate::privilege;
+use crate::registry::{self, MfaState, SessionGuard, SessionInfo};
 use crate::relay;
-use crate::server::{Sidecar, StartupSlot};
+use crate::sidecar::{Sidecar, StartupSlot};
 use crate::startup::{self, Arrival, FrontDoor};
-
-/// Which certificates are in use, and from where: one SVID is one workload, so the same
-/// certificate from two source addresses at once is an alert.
-#[derive(Default)]
-pub struct CertUsage {
-    in_use: Mutex<HashMap<String, (IpAddr, usize)>>,
-    /// Sessions per SPIFFE ID, for `[limits] max_sessions_per_identity`.
-    by_identity: Mutex<HashMap<String, usize>>,
-}
-
-impl CertUsage {
-    /// Records a session's use of a certificate; returns whether another source holds it.
-    fn acquire(self: &Arc<Self>, serial: &str, source: IpAddr) -> (CertUse, bool) {
-        let mut map = self.in_use.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = map.entry(serial.to_owned()).or_insert((source, 0));
-        let elsewhere = entry.0 != source && entry.1 > 0;
-        if entry.1 == 0 {
-            entry.0 = source;
-        }
-        entry.1 += 1;
-        (
-            CertUse {
-                usage: self.clone(),
-                serial: serial.to_owned(),
-            },
-            elsewhere,
-        )
-    }
-}
-
-/// Releases a certificate use when the session ends.
-pub struct CertUse {
-    usage: Arc<CertUsage>,
-    serial: String,
-}
-
-impl Drop for CertUse {
-    fn drop(&mut self) {
-        let mut map = self.usage.in_use.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(entry) = map.get_mut(&self.serial) {
-            entry.1 = entry.1.saturating_sub(1);
-            if entry.1 == 0 {
-                map.remove(&self.serial);
-            }
-        }
-    }
-}
-
-impl CertUsage {
-    /// A place among the sessions of `id`, or None when it already holds `max`.
-    fn acquire_identity(self: &Arc<Self>, id: &str, max: usize) -> Option<IdentitySession> {
-        let mut map = self.by_identity.lock().unwrap_or_else(|p| p.into_inner());
-        let count = map.entry(id.to_owned()).or_insert(0);
-        if *count >= max.max(1) {
-            return None;
-        }
-        *count += 1;
-        Some(IdentitySession {
-            usage: self.clone(),
-            id: id.to_owned(),
-        })
-    }
-}
-
-/// One session's place in its identity's `max_sessions_per_identity`, given back at its end.
-struct IdentitySession {
-    usage: Arc<CertUsage>,
-    id: String,
-}
-
-impl Drop for IdentitySession {
-    fn drop(&mut self) {
-        let mut map = self
-            .usage
-            .by_identity
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = map.get_mut(&self.id) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                map.remove(&self.id);
-            }
-        }
-    }
-}
+use crate::upstream::UpstreamSession;
 
 /// Serves one accepted TCP connection until it ends. Never panics on client input.
 /// `startup` is the connection's place in its source's pre-admission budget; it is given back
@@ -225,27 +150,102 @@ async fn send_fatal(tls: &mut TlsStream<TcpStream>, sqlstate: &str, message: &st
     let _ = tls.shutdown().await;
 }
 
-/// A refusal inside TLS: the log gets the line first, then the client gets FATAL with our
-/// connection id. A log failure still refuses.
-async fn refuse(
-    sidecar: &Sidecar,
-    tls: &mut TlsStream<TcpStream>,
-    entry: Entry,
-    sqlstate: &str,
-    message: &str,
-) {
-    tracing::info!(
-        conn.id = %entry.conn_id,
-        spiffe_id = entry.spiffe_id.as_deref().unwrap_or("-"),
-        decision = "deny",
-        reason = %entry.reason,
-        alert = entry.alert,
-        "refused"
-    );
-    if let Err(err) = sidecar.audit.record(entry).await {
-        tracing::error!(%err, "decision log write failed");
+/// Why a connection inside TLS is not admitted: the line the log gets (first), and what the
+/// client is told. Every stage of admission returns its next stage's input or one of these;
+/// [`Refusal::apply`] is the one place they take effect.
+struct Refusal {
+    /// None when there is nothing to log (the decision log itself failed). Boxed: refusals
+    /// travel through every stage's `Result`.
+    entry: Option<Box<Entry>>,
+    reply: Reply,
+}
+
+enum Reply {
+    /// FATAL with our connection id in the message.
+    Fatal { sqlstate: String, message: String },
+    /// PostgreSQL's own ErrorResponse, unchanged (an upstream login it rejected).
+    Upstream(Vec<u8>),
+    /// Nothing: the client is gone or closed at the prompt.
+    Close,
+}
+
+impl Refusal {
+    fn fatal(entry: Entry, sqlstate: &str, message: String) -> Self {
+        Refusal {
+            entry: Some(Box::new(entry)),
+            reply: Reply::Fatal {
+                sqlstate: sqlstate.to_owned(),
+                message,
+            },
+        }
     }
-    send_fatal(tls, sqlstate, message).await;
+
+    /// Logs (a log failure still refuses), then tells the client and closes.
+    async fn apply(self, sidecar: &Sidecar, tls: &mut TlsStream<TcpStream>) {
+        if let Some(entry) = self.entry {
+            tracing::info!(
+                conn.id = %entry.conn_id,
+                spiffe_id = entry.spiffe_id.as_deref().unwrap_or("-"),
+                decision = entry.decision.unwrap_or("-"),
+                reason = %entry.reason,
+                alert = entry.alert,
+                "refused"
+            );
+            if let Err(err) = sidecar.audit.record(*entry).await {
+                tracing::error!(%err, "decision log write failed");
+            }
+        }
+        match self.reply {
+            Reply::Fatal { sqlstate, message } => send_fatal(tls, &sqlstate, &message).await,
+            Reply::Upstream(raw) => {
+                let _ = tls.write_all(&raw).await;
+                let _ = tls.shutdown().await;
+            }
+            Reply::Close => {}
+        }
+    }
+}
+
+/// A client inside TLS, from its identity on: who it is, what it asks, and the log entry
+/// its decision line is built in.
+struct Candidate {
+    conn_id: String,
+    peer: SocketAddr,
+    user: String,
+    database: String,
+    identity: PeerIdentity,
+    id_text: String,
+    entry: Entry,
+}
+
+impl Candidate {
+    /// A deny with `reason`; the entry goes into the refusal.
+    fn deny(&mut self, reason: &str, sqlstate: &str, message: String) -> Refusal {
+        let mut entry = std::mem::take(&mut self.entry);
+        entry.decision = Some("deny");
+        entry.reason = reason.into();
+        Refusal::fatal(entry, sqlstate, message)
+    }
+
+    /// As [`Candidate::deny`], with Eastwall's own explanation as `detail`.
+    fn deny_with(
+        &mut self,
+        reason: &str,
+        detail: String,
+        sqlstate: &str,
+        message: String,
+    ) -> Refusal {
+        self.entry.extra.insert("detail".into(), json!(detail));
+        self.deny(reason, sqlstate, message)
+    }
+}
+
+/// The places an admitted session holds until it ends.
+struct Places {
+    _cert_use: crate::sidecar::CertUse,
+    _identity_session: crate::sidecar::IdentitySession,
+    /// The same certificate is in use from another source address.
+    cert_elsewhere: bool,
 }
 
 async fn admit_and_relay(
@@ -262,6 +262,58 @@ async fn admit_and_relay(
         leftover,
         ..
     } = arrival;
+    let admitted = admit(&sidecar, conn_id, peer, &mut tls, &startup, auth_time_left).await;
+    let (candidate, decision, places, mut session) = match admitted {
+        Ok(admitted) => admitted,
+        Err(refusal) => return refusal.apply(&sidecar, &mut tls).await,
+    };
+    let Some(cancel) = greet(
+        &sidecar,
+        &candidate,
+        &mut tls,
+        &startup,
+        &mut session,
+        &leftover,
+    )
+    .await
+    else {
+        return;
+    };
+    drop(startup_slot);
+    relay_and_log(&sidecar, candidate, decision, tls, session, cancel).await;
+    drop(places);
+}
+
+/// Admission, stage by stage; PostgreSQL hears nothing before the upstream login, and the
+/// client nothing but refusals before the allow line is durable.
+async fn admit(
+    sidecar: &Sidecar,
+    conn_id: String,
+    peer: SocketAddr,
+    tls: &mut TlsStream<TcpStream>,
+    startup: &codec::StartupMessage,
+    auth_time_left: std::time::Duration,
+) -> Result<(Candidate, Decision, Places, UpstreamSession), Refusal> {
+    let mut candidate = identify_client(sidecar, conn_id, peer, tls, startup)?;
+    let forwarded = check_request(&mut candidate, startup)?;
+    check_locks(sidecar, &mut candidate)?;
+    let places = hold_places(sidecar, &mut candidate)?;
+    let decision =
+        decide_and_step_up(sidecar, &mut candidate, tls, auth_time_left, &places).await?;
+    let mut session = login_upstream(sidecar, &mut candidate, &forwarded).await?;
+    check_privilege(sidecar, &mut candidate, &decision, &mut session).await?;
+    record_allow(sidecar, &mut candidate, &mut session).await?;
+    Ok((candidate, decision, places, session))
+}
+
+/// Identity first: nothing about the request matters until we know who asks.
+fn identify_client(
+    sidecar: &Sidecar,
+    conn_id: String,
+    peer: SocketAddr,
+    tls: &TlsStream<TcpStream>,
+    startup: &codec::StartupMessage,
+) -> Result<Candidate, Refusal> {
     let user = startup.param("user").unwrap_or("").to_owned();
     let database = match startup.param("database") {
         Some(db) if !db.is_empty() => db.to_owned(),
@@ -275,8 +327,6 @@ async fn admit_and_relay(
             .extra
             .insert("tls_version".into(), json!(format!("{version:?}")));
     }
-
-    // Identity first: nothing about the request matters until we know who asks.
     let identity = match identity::identify(
         tls.get_ref().1.peer_certificates(),
         &sidecar.settings.trust_domain,
@@ -287,207 +337,329 @@ async fn admit_and_relay(
             entry.reason = err.reason().into();
             entry.extra.insert("detail".into(), json!(err.to_string()));
             let message = format!("{err} (connection {conn_id})");
-            return refuse(&sidecar, &mut tls, entry, "28000", &message).await;
+            return Err(Refusal::fatal(entry, "28000", message));
         }
     };
     entry.spiffe_id = Some(identity.id.to_string());
     entry.cert_serial = Some(identity.serial_hex.clone());
-    let id_text = identity.id.to_string();
+    Ok(Candidate {
+        conn_id,
+        peer,
+        user,
+        database,
+        id_text: identity.id.to_string(),
+        identity,
+        entry,
+    })
+}
 
+/// The request itself: protocol, user, no replication, names PostgreSQL uses as they are,
+/// and only startup settings that cannot change who the session is (they are returned).
+fn check_request(
+    c: &mut Candidate,
+    startup: &codec::StartupMessage,
+) -> Result<Vec<(String, String)>, Refusal> {
+    let conn_id = c.conn_id.clone();
     if startup.version >> 16 != 3 {
-        entry.decision = Some("deny");
-        entry.reason = "unsupported_protocol".into();
         let message = format!(
             "unsupported frontend protocol {}.{}: Eastwall speaks 3.0",
             startup.version >> 16,
             startup.version & 0xffff
         );
-        return refuse(&sidecar, &mut tls, entry, "0A000", &message).await;
+        return Err(c.deny("unsupported_protocol", "0A000", message));
     }
-    if user.is_empty() {
-        entry.decision = Some("deny");
-        entry.reason = "no_user".into();
+    if c.user.is_empty() {
         let message = format!("no PostgreSQL user name specified (connection {conn_id})");
-        return refuse(&sidecar, &mut tls, entry, "28000", &message).await;
+        return Err(c.deny("no_user", "28000", message));
     }
     if startup
         .param("replication")
         .is_some_and(|v| v != "false" && v != "off" && v != "0")
     {
-        entry.decision = Some("deny");
-        entry.reason = "replication_refused".into();
         let message = format!(
-            "replication connections are not allowed through Eastwall for {id_text} (connection {conn_id})"
+            "replication connections are not allowed through Eastwall for {} (connection {conn_id})",
+            c.id_text
         );
-        return refuse(&sidecar, &mut tls, entry, "28000", &message).await;
+        return Err(c.deny("replication_refused", "28000", message));
     }
-
     // PostgreSQL cuts names at 63 bytes: judge only names it will use as they are.
-    for (what, name) in [("user", &user), ("database", &database)] {
-        if name.len() > crate::params::MAX_NAME_BYTES {
-            entry.decision = Some("deny");
-            entry.reason = "name_too_long".into();
+    for (what, len) in [("user", c.user.len()), ("database", c.database.len())] {
+        if len > crate::params::MAX_NAME_BYTES {
             let message = format!(
-                "{what} name of {} bytes is longer than PostgreSQL's limit of {} bytes (connection {conn_id})",
-                name.len(),
+                "{what} name of {len} bytes is longer than PostgreSQL's limit of {} bytes (connection {conn_id})",
                 crate::params::MAX_NAME_BYTES
             );
-            return refuse(&sidecar, &mut tls, entry, "28000", &message).await;
+            return Err(c.deny("name_too_long", "28000", message));
         }
     }
-    // Only settings that cannot change who the session is reach PostgreSQL.
-    let forwarded = match crate::params::screen(&startup.params) {
-        Ok(forwarded) => forwarded,
-        Err(err) => {
-            entry.decision = Some("deny");
-            entry.reason = err.reason().into();
-            entry.extra.insert("detail".into(), json!(err.to_string()));
-            let message = format!("{err} (connection {conn_id})");
-            return refuse(&sidecar, &mut tls, entry, "28000", &message).await;
+    crate::params::screen(&startup.params).map_err(|err| {
+        let message = format!("{err} (connection {conn_id})");
+        c.deny_with(err.reason(), err.to_string(), "28000", message)
+    })
+}
+
+/// An operator's lock on the identity, certificate, source or role refuses the connection
+/// with the lock's message (a hash lookup; nothing when no lock is in force).
+fn check_locks(sidecar: &Sidecar, c: &mut Candidate) -> Result<(), Refusal> {
+    let locks = sidecar.locks.current();
+    if locks.is_empty() {
+        return Ok(());
+    }
+    let hit = crate::locks::check_lock(
+        &locks,
+        &c.identity.id,
+        &c.identity.serial_hex,
+        c.peer.ip(),
+        Some(&c.user),
+        std::time::SystemTime::now(),
+    );
+    match hit {
+        None => Ok(()),
+        Some(lock) => {
+            lock.fill(&mut c.entry);
+            let message = lock.client_message(&c.conn_id);
+            Err(c.deny(
+                crate::locks::LockRefusal::REASON,
+                crate::locks::LockRefusal::SQLSTATE,
+                message,
+            ))
         }
-    };
+    }
+}
 
-    let (cert_use, cert_elsewhere) = sidecar.cert_usage.acquire(&identity.serial_hex, peer.ip());
-    let _cert_use = cert_use;
-    // One workload must not take all of PostgreSQL's max_connections: sessions being admitted
-    // count too, so a burst cannot overshoot.
+/// The certificate's use (reuse from another source is an alert) and the identity's place
+/// among its sessions: one workload must not take all of PostgreSQL's max_connections, and
+/// sessions being admitted count too, so a burst cannot overshoot.
+fn hold_places(sidecar: &Sidecar, c: &mut Candidate) -> Result<Places, Refusal> {
+    let (cert_use, cert_elsewhere) = sidecar
+        .cert_usage
+        .acquire(&c.identity.serial_hex, c.peer.ip());
     let max_sessions = sidecar.settings.limits.max_sessions_per_identity;
-    let Some(_identity_session) = sidecar.cert_usage.acquire_identity(&id_text, max_sessions)
+    let Some(identity_session) = sidecar
+        .cert_usage
+        .acquire_identity(&c.id_text, max_sessions)
     else {
-        entry.decision = Some("deny");
-        entry.reason = "identity_session_limit".into();
         let message = format!(
-            "too many sessions for {id_text}: it already holds limits.max_sessions_per_identity = {max_sessions} (connection {conn_id})"
+            "too many sessions for {}: it already holds limits.max_sessions_per_identity = {max_sessions} (connection {})",
+            c.id_text, c.conn_id
         );
-        return refuse(&sidecar, &mut tls, entry, "53300", &message).await;
+        return Err(c.deny("identity_session_limit", "53300", message));
     };
+    Ok(Places {
+        _cert_use: cert_use,
+        _identity_session: identity_session,
+        cert_elsewhere,
+    })
+}
 
-    let mut decision = decide(&sidecar, &identity, peer.ip(), &user, &database, false);
+/// The policy decision and, for operators, the MFA step-up; the entry carries the result.
+async fn decide_and_step_up(
+    sidecar: &Sidecar,
+    c: &mut Candidate,
+    tls: &mut TlsStream<TcpStream>,
+    auth_time_left: std::time::Duration,
+    places: &Places,
+) -> Result<Decision, Refusal> {
+    let (source, conn_id, id_text) = (c.peer.ip(), c.conn_id.clone(), c.id_text.clone());
+    let mut decision = decide(sidecar, &c.identity, source, &c.user, &c.database, false);
     let mut mfa_fields = Map::new();
     if decision.verdict == Verdict::Challenge {
-        match step_up(&sidecar, &mut tls, &identity, peer.ip(), auth_time_left).await {
+        fill_decision(&mut c.entry, &decision);
+        match step_up(sidecar, tls, &c.identity, source, auth_time_left).await {
             StepUp::Closed => {
                 // psql's first connection: it saw the prompt and will reconnect with the
                 // code. Neither a failure nor a use — one challenge line.
-                fill_decision(&mut entry, &decision);
-                entry.event = "mfa_challenge";
-                let _ = sidecar.audit.record(entry).await;
-                return;
+                c.entry.event = "mfa_challenge";
+                return Err(Refusal {
+                    entry: Some(Box::new(std::mem::take(&mut c.entry))),
+                    reply: Reply::Close,
+                });
             }
-            StepUp::Outcome(outcome) => match outcome {
-                MfaOutcome::Accepted { method, mfa_age_s } => {
-                    mfa_fields.insert("mfa".into(), json!(method));
-                    mfa_fields.insert("mfa_age_s".into(), json!(mfa_age_s));
-                    decision = decide(&sidecar, &identity, peer.ip(), &user, &database, true);
-                }
-                MfaOutcome::Rejected { reason } => {
-                    fill_decision(&mut entry, &decision);
-                    entry.event = "mfa_failure";
-                    entry.decision = Some("deny");
-                    entry.reason = format!("mfa_{reason}");
-                    let message = format!("MFA code rejected for {id_text} (connection {conn_id})");
-                    return refuse(&sidecar, &mut tls, entry, "28P01", &message).await;
-                }
-                MfaOutcome::LockedOut { first } => {
-                    fill_decision(&mut entry, &decision);
-                    entry.event = "mfa_lockout";
-                    entry.decision = Some("deny");
-                    entry.reason = "mfa_locked_out".into();
-                    entry.alert = first;
-                    let message = format!(
-                        "too many failed MFA attempts for {id_text}; try again later (connection {conn_id})"
-                    );
-                    return refuse(&sidecar, &mut tls, entry, "28P01", &message).await;
-                }
-            },
+            StepUp::Outcome(MfaOutcome::Accepted { method, mfa_age_s }) => {
+                mfa_fields.insert("mfa".into(), json!(method));
+                mfa_fields.insert("mfa_age_s".into(), json!(mfa_age_s));
+                decision = decide(sidecar, &c.identity, source, &c.user, &c.database, true);
+            }
+            StepUp::Outcome(MfaOutcome::Rejected { reason }) => {
+                c.entry.event = "mfa_failure";
+                let message = format!("MFA code rejected for {id_text} (connection {conn_id})");
+                return Err(c.deny(&format!("mfa_{reason}"), "28P01", message));
+            }
+            StepUp::Outcome(MfaOutcome::LockedOut { first }) => {
+                c.entry.event = "mfa_lockout";
+                c.entry.alert = first;
+                let message = format!(
+                    "too many failed MFA attempts for {id_text}; try again later (connection {conn_id})"
+                );
+                return Err(c.deny("mfa_locked_out", "28P01", message));
+            }
             StepUp::Violation(detail) => {
-                fill_decision(&mut entry, &decision);
-                entry.event = "mfa_failure";
-                entry.decision = Some("deny");
-                entry.reason = "protocol_violation".into();
-                entry.extra.insert("detail".into(), json!(detail));
+                c.entry.event = "mfa_failure";
                 let message =
                     format!("protocol violation during MFA step-up (connection {conn_id})");
-                return refuse(&sidecar, &mut tls, entry, "08P01", &message).await;
+                return Err(c.deny_with("protocol_violation", detail, "08P01", message));
             }
         }
     }
-    fill_decision(&mut entry, &decision);
-    entry.extra.extend(mfa_fields);
-    if cert_elsewhere {
-        entry.alert = true;
-        entry.extra.insert(
+    fill_decision(&mut c.entry, &decision);
+    c.entry.extra.extend(mfa_fields);
+    if places.cert_elsewhere {
+        c.entry.alert = true;
+        c.entry.extra.insert(
             "cert_reuse".into(),
             json!("certificate in use from another source address"),
         );
     }
     if decision.verdict != Verdict::Allow {
-        entry.decision = Some("deny");
         let message = format!("access denied for {id_text} (connection {conn_id})");
-        return refuse(&sidecar, &mut tls, entry, "28000", &message).await;
+        let mut entry = std::mem::take(&mut c.entry);
+        entry.decision = Some("deny");
+        return Err(Refusal::fatal(entry, "28000", message));
     }
+    Ok(decision)
+}
 
-    // The proxy logs in on its own as the granted role, with the screened settings.
+/// The proxy logs in on its own as the granted role, with the screened settings.
+async fn login_upstream(
+    sidecar: &Sidecar,
+    c: &mut Candidate,
+    forwarded: &[(String, String)],
+) -> Result<UpstreamSession, Refusal> {
     let forwarded: Vec<(&str, &str)> = forwarded
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
-    let mut session = match sidecar.upstream.login(&user, &database, &forwarded).await {
-        Ok(session) => session,
+    match sidecar
+        .upstream
+        .login(&c.user, &c.database, &forwarded)
+        .await
+    {
+        Ok(session) => Ok(session),
         Err(err) => {
-            entry.decision = Some("deny");
-            entry.reason = "upstream_login_failed".into();
-            entry.extra.insert("detail".into(), json!(err.to_string()));
-            tracing::warn!(conn.id = %conn_id, %err, "upstream login failed");
-            let _ = sidecar.audit.record(entry).await;
+            tracing::warn!(conn.id = %c.conn_id, %err, "upstream login failed");
+            let message = format!("{err} (connection {})", c.conn_id);
+            let mut refusal = c.deny_with(
+                "upstream_login_failed",
+                err.to_string(),
+                err.sqlstate(),
+                message,
+            );
             if let crate::upstream::UpstreamError::Rejected { raw, .. } = &err {
                 // The client sees PostgreSQL's own error, unchanged.
-                let _ = tls.write_all(raw).await;
-                let _ = tls.shutdown().await;
-            } else {
-                let message = format!("{err} (connection {conn_id})");
-                send_fatal(&mut tls, err.sqlstate(), &message).await;
+                refusal.reply = Reply::Upstream(raw.to_vec());
             }
-            return;
+            Err(refusal)
         }
-    };
-    if let Err(refusal) = check_privileges(
-        &sidecar,
-        &mut session,
-        &decision,
-        &user,
-        &database,
-        &id_text,
-        &conn_id,
-    )
-    .await
-    {
-        let (reason, detail, message) = refusal;
-        entry.decision = Some("deny");
-        entry.reason = reason.into();
-        entry.extra.insert("detail".into(), json!(detail));
-        let _ = terminate(&mut session.stream).await;
-        return refuse(&sidecar, &mut tls, entry, "28000", &message).await;
     }
+}
 
-    // Fail closed: without a durable allow line, nobody is admitted.
-    if let Err(err) = sidecar.audit.record(entry.clone()).await {
-        tracing::error!(conn.id = %conn_id, %err, "decision log write failed; refusing");
+/// What the session's login role can become, from the catalog (see [`privilege`]): a role
+/// named by an `as:` line may be anything, superuser included; any other superuser-equivalent
+/// role is refused; a session that did not step up must not be able to become a role MFA
+/// protects; and PostgreSQL must have logged in as exactly the user and database judged. A
+/// refusal ends the upstream session first.
+async fn check_privilege(
+    sidecar: &Sidecar,
+    c: &mut Candidate,
+    decision: &Decision,
+    session: &mut UpstreamSession,
+) -> Result<(), Refusal> {
+    let roles = sidecar
+        .mfa_roles
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let protected: Vec<&str> = if decision.mfa_group.is_some() {
+        Vec::new()
+    } else {
+        roles.roles_for(&c.database)
+    };
+    let timeout = sidecar.settings.upstream.connect_timeout;
+    let verdict = match privilege::check(session, timeout, &protected).await {
+        Err(why) => {
+            let message = format!(
+                "role {:?} cannot be admitted: {why} (connection {})",
+                c.user, c.conn_id
+            );
+            Err(("privilege_check_failed", why, message))
+        }
+        Ok(report) if report.session_user != c.user || report.database != c.database => {
+            let why = format!(
+                "PostgreSQL logged in as user {:?} to database {:?}, not the {:?} and {:?} judged (db_user_namespace?)",
+                report.session_user, report.database, c.user, c.database
+            );
+            let message = format!("{why} (connection {})", c.conn_id);
+            Err(("name_mismatch", why, message))
+        }
+        Ok(report) => match (report.superuser, report.protected_member) {
+            (Some(why), _) if !decision.role_named_by_rule => {
+                let message = format!(
+                    "role {:?} is superuser-equivalent ({why}); no policy rule grants it by name to {} (connection {})",
+                    c.user, c.id_text, c.conn_id
+                );
+                Err(("superuser_role", why, message))
+            }
+            (_, Some(protected)) => {
+                let why = format!(
+                    "role {:?} is a member of {protected}, which an mfa(...) rule protects; it could SET ROLE to it without MFA",
+                    c.user
+                );
+                let message = format!("{why} (connection {})", c.conn_id);
+                Err(("mfa_protected_role", why, message))
+            }
+            _ => Ok(()),
+        },
+    };
+    match verdict {
+        Ok(()) => Ok(()),
+        Err((reason, why, message)) => {
+            let _ = terminate(&mut session.stream).await;
+            Err(c.deny_with(reason, why, "28000", message))
+        }
+    }
+}
+
+/// Fail closed: without a durable allow line, nobody is admitted.
+async fn record_allow(
+    sidecar: &Sidecar,
+    c: &mut Candidate,
+    session: &mut UpstreamSession,
+) -> Result<(), Refusal> {
+    if let Err(err) = sidecar.audit.record(c.entry.clone()).await {
+        tracing::error!(conn.id = %c.conn_id, %err, "decision log write failed; refusing");
         let _ = terminate(&mut session.stream).await;
         let message = format!(
-            "Eastwall cannot write its decision log; refusing connections (connection {conn_id})"
+            "Eastwall cannot write its decision log; refusing connections (connection {})",
+            c.conn_id
         );
-        send_fatal(&mut tls, "57P03", &message).await;
-        return;
+        return Err(Refusal {
+            entry: None,
+            reply: Reply::Fatal {
+                sqlstate: "57P03".into(),
+                message,
+            },
+        });
     }
-    tracing::info!(conn.id = %conn_id, spiffe_id = %id_text, db.user = %user, db.name = %database, decision = "allow", "admitted");
+    tracing::info!(conn.id = %c.conn_id, spiffe_id = %c.id_text, db.user = %c.user, db.name = %c.database, decision = "allow", "admitted");
+    Ok(())
+}
 
+/// Only now does AuthenticationOk reach the client (with our cancel key), and only now do
+/// the client's own pipelined messages reach PostgreSQL. None when either side is gone.
+async fn greet(
+    sidecar: &Sidecar,
+    c: &Candidate,
+    tls: &mut TlsStream<TcpStream>,
+    startup: &codec::StartupMessage,
+    session: &mut UpstreamSession,
+    leftover: &[u8],
+) -> Option<crate::cancel::CancelGuard> {
     let cancel = sidecar.cancels.register(
         BackendKey {
             pid: session.backend_pid,
             key: session.backend_key.clone(),
         },
-        &conn_id,
+        &c.conn_id,
     );
     let mut out = BytesMut::with_capacity(512);
     let unsupported: Vec<&str> = startup
@@ -508,16 +680,46 @@ async fn admit_and_relay(
     codec::put_ready_for_query(&mut out, session.transaction_status);
     if tls.write_all(&out).await.is_err() || tls.flush().await.is_err() {
         let _ = terminate(&mut session.stream).await;
-        return;
+        return None;
     }
-    if !leftover.is_empty() && session.stream.write_all(&leftover).await.is_err() {
-        return;
+    if !leftover.is_empty() && session.stream.write_all(leftover).await.is_err() {
+        return None;
     }
-    drop(out);
+    Some(cancel)
+}
 
-    drop(startup_slot);
-    // Counted until the session_end line is written: a shutdown waits for it.
-    let _live = sidecar.live.enter();
+/// The admitted session: registered (kills, locks, reloads, expiry, drain reach it there),
+/// relayed, closed by whichever end, and its session_end line written.
+async fn relay_and_log(
+    sidecar: &Sidecar,
+    c: Candidate,
+    decision: Decision,
+    mut tls: TlsStream<TcpStream>,
+    mut session: UpstreamSession,
+    cancel: crate::cancel::CancelGuard,
+) {
+    let Candidate {
+        conn_id,
+        peer,
+        user,
+        database,
+        identity,
+        id_text,
+        entry,
+    } = c;
+    // Registered until the session_end line is written: a shutdown waits for it.
+    let live = sidecar.sessions.register(SessionInfo {
+        conn_id: conn_id.clone(),
+        spiffe_id: identity.id.clone(),
+        serial_hex: identity.serial_hex.clone(),
+        not_after: identity.not_after,
+        source: peer,
+        role: user.clone(),
+        database: database.clone(),
+        started: SystemTime::now(),
+        mfa: mfa_state(&entry),
+        rule: entry.rule.clone(),
+    });
     let admitted = Instant::now();
     // Operators' sessions rest on an MFA assertion that ages; max_session bounds how long.
     let max_session = decision
@@ -529,12 +731,19 @@ async fn admit_and_relay(
         idle: sidecar.settings.limits.idle_timeout,
         ..relay::RelayLimits::default()
     };
-    let stop = stop_signal(&sidecar, &identity.serial_hex);
-    let mut outcome = relay::relay(&mut tls, &mut session.stream, limits, Some(stop)).await;
+    let stop = stop_signal(sidecar, &live);
+    let mut outcome = relay::relay_counted(
+        &mut tls,
+        &mut session.stream,
+        limits,
+        Some(stop),
+        Some(live.bytes()),
+    )
+    .await;
     drop(cancel);
     if let relay::RelayEnd::Ended(ending) = &mut outcome.end {
-        let message = farewell(ending.reason, &id_text, &conn_id, max_session, limits.idle);
-        close_ended(&sidecar, tls, session, ending, &message).await;
+        let message = farewell(&ending.reason, &id_text, &conn_id, max_session, limits.idle);
+        close_ended(sidecar, tls, session, ending, &message).await;
     }
 
     let mut end = sidecar.entry(&conn_id, peer, "session_end");
@@ -557,86 +766,57 @@ async fn admit_and_relay(
         "bytes_server_to_client".into(),
         json!(outcome.server_to_client),
     );
+    if let relay::RelayEnd::Ended(ending) = &outcome.end {
+        end_details(&mut end, &ending.reason);
+    }
     if let Err(err) = sidecar.audit.record(end).await {
         tracing::error!(conn.id = %conn_id, %err, "could not log session end");
     }
+    drop(live);
 }
 
-/// What the session's login role can become, from the catalog (see [`privilege`]): a role
-/// named by an `as:` line may be anything, superuser included; any other superuser-equivalent
-/// role is refused; a session that did not step up must not be able to become a role MFA
-/// protects; and PostgreSQL must have logged in as exactly the user and database judged.
-/// A refusal is (reason, detail, client message).
-async fn check_privileges(
-    sidecar: &Sidecar,
-    session: &mut crate::upstream::UpstreamSession,
-    decision: &Decision,
-    user: &str,
-    database: &str,
-    id_text: &str,
-    conn_id: &str,
-) -> Result<(), (&'static str, String, String)> {
-    let roles = sidecar
-        .mfa_roles
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    let stepped_up = decision.mfa_group.is_some();
-    let protected: Vec<&str> = if stepped_up {
-        Vec::new()
-    } else {
-        roles.roles_for(database)
-    };
-    let timeout = sidecar.settings.upstream.connect_timeout;
-    let report = match privilege::check(session, timeout, &protected).await {
-        Ok(report) => report,
-        Err(why) => {
-            let message = format!("role {user:?} cannot be admitted: {why} (connection {conn_id})");
-            return Err(("privilege_check_failed", why, message));
+/// The MFA fields of the allow line, for the registry.
+fn mfa_state(entry: &Entry) -> Option<MfaState> {
+    Some(MfaState {
+        method: entry.extra.get("mfa")?.as_str()?.to_owned(),
+        age_s: entry.extra.get("mfa_age_s")?.as_u64()?,
+    })
+}
+
+/// What a session_end line says beyond its reason: a lock's id, a message given.
+fn end_details(end: &mut Entry, reason: &relay::EndReason) {
+    match reason {
+        relay::EndReason::Locked { lock_id, message } => {
+            end.extra.insert("lock_id".into(), json!(lock_id));
+            end.extra.insert("message".into(), json!(message));
         }
-    };
-    if report.session_user != user || report.database != database {
-        let why = format!(
-            "PostgreSQL logged in as user {:?} to database {:?}, not the {user:?} and {database:?} judged (db_user_namespace?)",
-            report.session_user, report.database
-        );
-        let message = format!("{why} (connection {conn_id})");
-        return Err(("name_mismatch", why, message));
+        relay::EndReason::Killed { message } => {
+            end.extra.insert("message".into(), json!(message));
+        }
+        _ => {}
     }
-    if let Some(why) = report.superuser.filter(|_| !decision.role_named_by_rule) {
-        let message = format!(
-            "role {user:?} is superuser-equivalent ({why}); no policy rule grants it by name to {id_text} (connection {conn_id})"
-        );
-        return Err(("superuser_role", why, message));
-    }
-    if let Some(protected) = report.protected_member {
-        let why = format!(
-            "role {user:?} is a member of {protected}, which an mfa(...) rule protects; it could SET ROLE to it without MFA"
-        );
-        let message = format!("{why} (connection {conn_id})");
-        return Err(("mfa_protected_role", why, message));
-    }
-    Ok(())
 }
 
-/// What ends this session besides its client and server: a revocation of its certificate
-/// (only with a CRL configured: without one nothing can be revoked), or an end the sidecar
-/// broadcasts to every session (shutdown). Further causes join the `select!`.
-fn stop_signal(sidecar: &Sidecar, serial: &str) -> relay::StopSignal<'static> {
-    let mut all = sidecar.end_all.subscribe();
+/// What ends this session besides its client and server: the registry telling it to end
+/// (kill, lock, policy change, shutdown), a revocation of its certificate (only with a CRL
+/// configured: without one nothing can be revoked), or its certificate's notAfter.
+fn stop_signal(sidecar: &Sidecar, live: &SessionGuard<'_>) -> relay::StopSignal<'static> {
+    let mut told = live.ended();
+    let info = live.info();
     let revocations = sidecar
         .settings
         .listen
         .crl
         .is_some()
-        .then(|| (sidecar.revoked.subscribe(), serial.to_owned()));
+        .then(|| (sidecar.revoked.subscribe(), info.serial_hex.clone()));
+    let expires_in = registry::time_left(info.not_after, SystemTime::now());
     Box::pin(async move {
-        let everyone = async {
+        let registry = async {
             loop {
-                if let Some(reason) = *all.borrow_and_update() {
-                    return reason;
+                if let Some(reason) = &*told.borrow_and_update() {
+                    return reason.clone();
                 }
-                if all.changed().await.is_err() {
+                if told.changed().await.is_err() {
                     return std::future::pending().await;
                 }
             }
@@ -657,15 +837,16 @@ fn stop_signal(sidecar: &Sidecar, serial: &str) -> relay::StopSignal<'static> {
         // Biased: polled on every wake-up of the relay, so no per-poll random draw.
         tokio::select! {
             biased;
-            reason = everyone => reason,
+            reason = registry => reason,
             () = revoked => relay::EndReason::Revoked,
+            () = tokio::time::sleep(expires_in) => relay::EndReason::CertExpired,
         }
     })
 }
 
 /// The FATAL's message for an end Eastwall decided.
 fn farewell(
-    reason: relay::EndReason,
+    reason: &relay::EndReason,
     id_text: &str,
     conn_id: &str,
     max_session: Option<std::time::Duration>,
@@ -683,6 +864,13 @@ fn farewell(
         ),
         relay::EndReason::Idle => format!("idle for {}", show(idle)),
         relay::EndReason::Shutdown => "the sidecar is shutting down".to_owned(),
+        relay::EndReason::Locked { message, .. } | relay::EndReason::Killed { message } => {
+            message.clone()
+        }
+        relay::EndReason::PolicyChanged => {
+            format!("the policy no longer allows this session of {id_text}")
+        }
+        relay::EndReason::CertExpired => format!("the certificate of {id_text} expired"),
     };
     format!("terminating connection: {why} (connection {conn_id})")
 }

@@ -371,7 +371,9 @@ async fn sigterm_logs_the_end_of_live_sessions_before_exiting() -> anyhow::Resul
             "address = \"127.0.0.1:0\"",
             &format!("address = \"127.0.0.1:{port}\""),
         )
-        .replace("path = \"decisions.log\"", "path = \"decisions-cli.log\"");
+        .replace("path = \"decisions.log\"", "path = \"decisions-cli.log\"")
+        // The drain's grace (default 30 s) is not what this test is about.
+        + "\n[limits]\nshutdown_grace = \"1s\"\n";
     let config = d.layout.dir.join("cli.toml");
     std::fs::write(&config, text)?;
     let mut child = std::process::Command::new(bin)

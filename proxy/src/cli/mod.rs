@@ -49,3 +49,4 @@ pub mod mfa;
 pub mod policy;
 pub mod proxy;
 pub mod quickstart;
+pub mod sessions;

@@ -1,7 +1,9 @@
 //! `eastwall proxy --config FILE`: runs the sidecar until SIGINT or SIGTERM; SIGHUP reopens the
-//! decision log. On SIGINT/SIGTERM every live session is ended (FATAL 57P01 "the sidecar is
-//! shutting down", reason `shutdown` in its session_end line) and the process waits, bounded,
-//! for those lines; a second signal exits at once.
+//! decision log. On SIGINT/SIGTERM the sidecar drains: it is no longer ready and accepts
+//! nothing new, live sessions may finish for `[limits] shutdown_grace`, then the rest are
+//! ended (FATAL 57P01 "the sidecar is shutting down", reason `shutdown` in its session_end
+//! line) and the process waits, bounded, for those lines and exits 0. A second signal cuts
+//! the grace short.
 
 use std::path::PathBuf;
 
@@ -33,15 +35,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ));
         }
         reopen_log_on_sighup(running.sidecar.clone())?;
-        wait_for_signal().await?;
-        say("eastwall: shutting down; ending live sessions");
-        tokio::select! {
-            () = running.shutdown() => {}
-            r = wait_for_signal() => {
-                r?;
-                say("eastwall: second signal; exiting without waiting for sessions");
-            }
-        }
+        let mut signals = Signals::new()?;
+        signals.next().await;
+        let grace = running.sidecar.settings.limits.shutdown_grace;
+        say(&format!(
+            "eastwall: draining; live sessions may finish for {} (a second signal ends them now)",
+            humantime::format_duration(grace)
+        ));
+        let second = async move {
+            signals.next().await;
+            say("eastwall: second signal; ending live sessions now");
+        };
+        running.drain(grace, second).await;
+        say("eastwall: stopped");
         Ok(())
     })
 }
@@ -52,14 +58,27 @@ fn say(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("cannot watch SIGINT")?,
-        _ = term.recv() => {}
+/// SIGTERM and SIGINT, watched from the start so none is missed between two waits.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
+        })
     }
-    Ok(())
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }
 
 /// SIGHUP (log rotation) reopens the decision log at its configured path; without a
