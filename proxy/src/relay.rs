@@ -205,6 +205,39 @@ impl Boundaries {
     }
 }
 
+/// Where a boundary tracker stands after a stream went by (for the fuzz targets in `fuzz/`).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BoundaryState {
+    pub at_boundary: bool,
+    pub terminated: bool,
+    pub lost: bool,
+    /// Bytes consumed in all.
+    pub consumed: usize,
+}
+
+/// Feeds `chunks` to one boundary tracker as the relay would read them; with
+/// `stop_at_first`, each chunk is cut at the first boundary it reaches, as when an end was
+/// decided, and the rest of it is not fed. Not part of the API: it exists so the tracker
+/// can be fuzzed without a socket.
+#[doc(hidden)]
+pub fn follow_boundaries<'a>(
+    chunks: impl IntoIterator<Item = &'a [u8]>,
+    stop_at_first: bool,
+) -> BoundaryState {
+    let mut b = Boundaries::default();
+    let mut consumed = 0;
+    for chunk in chunks {
+        consumed += b.consume(chunk, stop_at_first);
+    }
+    BoundaryState {
+        at_boundary: b.at_boundary(),
+        terminated: b.terminated,
+        lost: b.lost,
+        consumed,
+    }
+}
+
 /// One direction of the pipe.
 #[derive(Default)]
 struct Pump {
