@@ -716,6 +716,25 @@ mod tests {
     }
 
     #[test]
+    fn follow_boundaries_reports_the_trackers_state() {
+        let mut stream = message(b'Q', b"select 1\0");
+        stream.extend(message(b'X', b""));
+        let whole = follow_boundaries([&stream[..]], false);
+        assert_eq!(
+            whole,
+            BoundaryState {
+                at_boundary: true,
+                terminated: true,
+                lost: false,
+                consumed: stream.len(),
+            }
+        );
+        assert_eq!(follow_boundaries(stream.chunks(3), false), whole);
+        // Stopping at the first boundary: the end of the Query.
+        assert_eq!(follow_boundaries([&stream[..]], true).consumed, 14);
+    }
+
+    #[test]
     fn terminate_is_seen_only_as_a_message_of_its_own() {
         let mut stream = message(b'Q', b"select 'X\0\0\0\x04'\0");
         stream.extend(message(b'd', &message(b'X', b"")));

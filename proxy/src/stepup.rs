@@ -496,3 +496,35 @@ async fn fetch_token_inner(
         detail,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_request;
+
+    #[test]
+    fn the_request_body_is_a_code_and_nothing_else() {
+        assert_eq!(
+            parse_request(br#"{"code":"123456"}"#).as_deref(),
+            Some("123456")
+        );
+        assert_eq!(
+            parse_request(br#" { "code" : "0" } "#).as_deref(),
+            Some("0")
+        );
+        for body in [
+            &br#"{"code":"1","token":"x"}"#[..],
+            br#"{"code":1}"#,
+            br#"{}"#,
+            b"",
+            b"code=123456",
+            br#"{"code":"1"} trailing"#,
+        ] {
+            assert_eq!(
+                parse_request(body),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+}
