@@ -229,6 +229,39 @@ impl Boundaries {
     }
 }
 
+/// Where a boundary tracker stands after a stream went by (for the fuzz targets in `fuzz/`).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BoundaryState {
+    pub at_boundary: bool,
+    pub terminated: bool,
+    pub lost: bool,
+    /// Bytes consumed in all.
+    pub consumed: usize,
+}
+
+/// Feeds `chunks` to one boundary tracker as the relay would read them; with
+/// `stop_at_first`, each chunk is cut at the first boundary it reaches, as when an end was
+/// decided, and the rest of it is not fed. Not part of the API: it exists so the tracker
+/// can be fuzzed without a socket.
+#[doc(hidden)]
+pub fn follow_boundaries<'a>(
+    chunks: impl IntoIterator<Item = &'a [u8]>,
+    stop_at_first: bool,
+) -> BoundaryState {
+    let mut b = Boundaries::default();
+    let mut consumed = 0;
+    for chunk in chunks {
+        consumed += b.consume(chunk, stop_at_first);
+    }
+    BoundaryState {
+        at_boundary: b.at_boundary(),
+        terminated: b.terminated,
+        lost: b.lost,
+        consumed,
+    }
+}
+
 /// One direction of the pipe.
 #[derive(Default)]
 struct Pump<'a> {
@@ -728,6 +761,25 @@ mod tests {
             assert_eq!(seen, ends, "chunk size {chunk}");
             assert!(!b.terminated);
         }
+    }
+
+    #[test]
+    fn follow_boundaries_reports_the_trackers_state() {
+        let mut stream = message(b'Q', b"select 1\0");
+        stream.extend(message(b'X', b""));
+        let whole = follow_boundaries([&stream[..]], false);
+        assert_eq!(
+            whole,
+            BoundaryState {
+                at_boundary: true,
+                terminated: true,
+                lost: false,
+                consumed: stream.len(),
+            }
+        );
+        assert_eq!(follow_boundaries(stream.chunks(3), false), whole);
+        // Stopping at the first boundary: the end of the Query.
+        assert_eq!(follow_boundaries([&stream[..]], true).consumed, 14);
     }
 
     #[test]

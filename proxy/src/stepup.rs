@@ -97,6 +97,15 @@ struct StepUpRequest {
     code: String,
 }
 
+/// The TOTP code in a request body (`{"code":"123456"}`), or None for any other body.
+/// Public for the fuzz targets in `fuzz/`, not part of the API.
+#[doc(hidden)]
+pub fn parse_request(body: &[u8]) -> Option<String> {
+    serde_json::from_slice::<StepUpRequest>(body)
+        .ok()
+        .map(|r| r.code)
+}
+
 /// The 200 response body.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct StepUpResponse {
@@ -312,7 +321,7 @@ async fn respond(
         }
         Err(_) => return error(StatusCode::BAD_REQUEST, "bad_request", None),
     };
-    let Ok(request) = serde_json::from_slice::<StepUpRequest>(&body) else {
+    let Some(code) = parse_request(&body) else {
         return error(
             StatusCode::BAD_REQUEST,
             "bad_request",
@@ -336,9 +345,7 @@ async fn respond(
     let now = SystemTime::now();
     let outcome = match refusal {
         Some((reason, _)) => MfaOutcome::Rejected { reason },
-        None => shared
-            .verifier
-            .check_code(id, peer.ip(), &request.code, now),
+        None => shared.verifier.check_code(id, peer.ip(), &code, now),
     };
     let token = outcome
         .is_accepted()
@@ -502,4 +509,36 @@ async fn fetch_token_inner(
         error,
         detail,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_request;
+
+    #[test]
+    fn the_request_body_is_a_code_and_nothing_else() {
+        assert_eq!(
+            parse_request(br#"{"code":"123456"}"#).as_deref(),
+            Some("123456")
+        );
+        assert_eq!(
+            parse_request(br#" { "code" : "0" } "#).as_deref(),
+            Some("0")
+        );
+        for body in [
+            &br#"{"code":"1","token":"x"}"#[..],
+            br#"{"code":1}"#,
+            br#"{}"#,
+            b"",
+            b"code=123456",
+            br#"{"code":"1"} trailing"#,
+        ] {
+            assert_eq!(
+                parse_request(body),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
 }
