@@ -270,8 +270,12 @@ async fn names_postgresql_would_truncate_are_refused() -> anyhow::Result<()> {
     std::fs::write(&policy, text)?;
     // Restart the sidecar on the edited policy (policy reload is a later issue). The first
     // one still runs: the second needs its own admin socket.
-    let mut toml = std::fs::read_to_string(&d.layout.config)?;
-    toml.push_str("\n[admin]\nsocket = \"restarted.sock\"\n");
+    let toml = std::fs::read_to_string(&d.layout.config)?;
+    anyhow::ensure!(
+        toml.contains("[admin]\n"),
+        "quickstart writes an [admin] table"
+    );
+    let toml = toml.replacen("[admin]\n", "[admin]\nsocket = \"restarted.sock\"\n", 1);
     std::fs::write(&d.layout.config, toml)?;
     let config = eastwall_config::Config::load(&d.layout.config).map_err(|e| anyhow!("{e:?}"))?;
     let proxy = eastwall::server::start(config).await?;
