@@ -20,12 +20,11 @@
 //! [`MAX_HEADER_BYTES`]; a connection lives at most [`CONNECTION_TIMEOUT`]; request bodies
 //! are never read.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -86,7 +85,7 @@ impl ReachCache {
 /// Serves until the future is dropped (the caller selects it against shutdown).
 pub async fn serve(listener: TcpListener, health: Arc<dyn Health>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let per_source = SourceSlots::new(MAX_PER_SOURCE);
+    let per_source = crate::source::SourceSlots::new(MAX_PER_SOURCE);
     loop {
         // A free slot first, so a flood waits in the kernel instead of in our memory.
         let Ok(permit) = slots.clone().acquire_owned().await else {
@@ -194,52 +193,6 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     resp
 }
 
-/// Open connections per source key, so one host cannot hold all [`MAX_CONNECTIONS`].
-struct SourceSlots {
-    max: usize,
-    counts: Mutex<HashMap<IpAddr, usize>>,
-}
-
-impl SourceSlots {
-    fn new(max: usize) -> Arc<Self> {
-        Arc::new(Self {
-            max: max.max(1),
-            counts: Mutex::new(HashMap::new()),
-        })
-    }
-
-    fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
-        let key = crate::source::limiter_key(ip);
-        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let count = counts.entry(key).or_insert(0);
-        if *count >= self.max {
-            return None;
-        }
-        *count += 1;
-        Some(SourceSlot {
-            slots: self.clone(),
-            key,
-        })
-    }
-}
-
-struct SourceSlot {
-    slots: Arc<SourceSlots>,
-    key: IpAddr,
-}
-
-impl Drop for SourceSlot {
-    fn drop(&mut self) {
-        let mut counts = self.slots.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = counts.get_mut(&self.key) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                counts.remove(&self.key);
-            }
-        }
-    }
-}
-
 /// Whether an admin address is reachable only from this host.
 pub fn is_loopback(addr: SocketAddr) -> bool {
     addr.ip().is_loopback()
@@ -248,6 +201,7 @@ pub fn is_loopback(addr: SocketAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::IpAddr;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[tokio::test]
@@ -268,7 +222,7 @@ mod tests {
 
     #[test]
     fn a_source_cannot_hold_every_slot() {
-        let slots = SourceSlots::new(2);
+        let slots = crate::source::SourceSlots::new(2);
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
         let a = slots.try_acquire(ip).unwrap();
         let _b = slots.try_acquire(ip).unwrap();

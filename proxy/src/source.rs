@@ -7,7 +7,9 @@
 //! endpoint, refusal-log aggregation) uses [`limiter_key`], so they all agree on what one
 //! source is.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
+use std::sync::{Arc, Mutex};
 
 /// The key `ip` is limited under.
 pub fn limiter_key(ip: IpAddr) -> IpAddr {
@@ -21,6 +23,55 @@ pub fn limiter_key(ip: IpAddr) -> IpAddr {
                 IpAddr::V6(Ipv6Addr::from(segments))
             }
         },
+    }
+}
+
+/// Open connections per source key, so one host cannot hold all of a small listener's
+/// connections (the step-up endpoint, the admin HTTP port).
+pub struct SourceSlots {
+    max: usize,
+    counts: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl SourceSlots {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max: max.max(1),
+            counts: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A slot for a connection from `ip`, or None when its source has its fill.
+    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
+        let key = limiter_key(ip);
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(key).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(SourceSlot {
+            slots: self.clone(),
+            key,
+        })
+    }
+}
+
+/// One connection's place in its source's budget, given back on drop.
+pub struct SourceSlot {
+    slots: Arc<SourceSlots>,
+    key: IpAddr,
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut counts = self.slots.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.key) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&self.key);
+            }
+        }
     }
 }
 

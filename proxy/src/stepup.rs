@@ -2,10 +2,9 @@
 //! over the same mTLS client-identity rules as the PostgreSQL port. Also the client side that
 //! `eastwall mfa login` (and tests) use to fetch a token.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -148,7 +147,7 @@ pub async fn serve(
         on_decision,
     });
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let per_source = SourceSlots::new(MAX_CONNECTIONS_PER_SOURCE);
+    let per_source = crate::source::SourceSlots::new(MAX_CONNECTIONS_PER_SOURCE);
     loop {
         // Wait for a free slot before accepting, so a flood queues in the kernel instead of
         // growing our memory.
@@ -186,52 +185,6 @@ pub async fn serve(
                 tracing::debug!(peer = %peer, "step-up endpoint: connection timed out");
             }
         });
-    }
-}
-
-/// Open connections per source key, so one host cannot hold all [`MAX_CONNECTIONS`].
-struct SourceSlots {
-    max: usize,
-    counts: Mutex<HashMap<IpAddr, usize>>,
-}
-
-impl SourceSlots {
-    fn new(max: usize) -> Arc<Self> {
-        Arc::new(Self {
-            max: max.max(1),
-            counts: Mutex::new(HashMap::new()),
-        })
-    }
-
-    fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
-        let key = crate::source::limiter_key(ip);
-        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let count = counts.entry(key).or_insert(0);
-        if *count >= self.max {
-            return None;
-        }
-        *count += 1;
-        Some(SourceSlot {
-            slots: self.clone(),
-            key,
-        })
-    }
-}
-
-struct SourceSlot {
-    slots: Arc<SourceSlots>,
-    key: IpAddr,
-}
-
-impl Drop for SourceSlot {
-    fn drop(&mut self) {
-        let mut counts = self.slots.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = counts.get_mut(&self.key) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                counts.remove(&self.key);
-            }
-        }
     }
 }
 

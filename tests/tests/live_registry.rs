@@ -278,7 +278,7 @@ async fn a_file_at_the_admin_socket_path_stops_the_start() -> anyhow::Result<()>
     std::fs::write(&path, "not a socket")?;
     let text = std::fs::read_to_string(&d.layout.config)?
         .replace("path = \"decisions.log\"", "path = \"decisions-2.log\"")
-        + "\n[admin]\nsocket = \"other.sock\"\n";
+        .replacen("[admin]\n", "[admin]\nsocket = \"other.sock\"\n", 1);
     let config = d.layout.dir.join("second.toml");
     std::fs::write(&config, text)?;
     let config =
