@@ -209,9 +209,9 @@ async fn serve_one(sidecar: &Sidecar, stream: UnixStream, owner: u32) {
     let allowed = stream
         .peer_cred()
         .is_ok_and(|cred| cred.uid() == owner || cred.uid() == 0);
-    let (read, mut write) = stream.into_split();
+    let (mut read, mut write) = stream.into_split();
     let answer = if allowed {
-        match tokio::time::timeout(REQUEST_TIMEOUT, read_request(read)).await {
+        match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut read)).await {
             Err(_) => error(format!(
                 "no request line within {}s",
                 REQUEST_TIMEOUT.as_secs()
@@ -230,10 +230,22 @@ async fn serve_one(sidecar: &Sidecar, stream: UnixStream, owner: u32) {
         write.shutdown().await
     })
     .await;
+    // Closing with unread input would reset the connection and lose the answer (a client
+    // still writing an oversized line must still learn why): read what is left, bounded in
+    // bytes and time, then close.
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        use tokio::io::AsyncReadExt;
+        tokio::io::copy(&mut (&mut read).take(DRAIN_MAX), &mut tokio::io::sink()).await
+    })
+    .await;
 }
 
+/// How much unread input is drained after an answer, and for how long at most.
+const DRAIN_MAX: u64 = 4 * 1024 * 1024;
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Reads one request line of at most [`MAX_REQUEST`] bytes and parses it.
-async fn read_request(read: tokio::net::unix::OwnedReadHalf) -> Result<Request, String> {
+async fn read_request(read: &mut tokio::net::unix::OwnedReadHalf) -> Result<Request, String> {
     use tokio::io::AsyncReadExt;
     let mut line = Vec::with_capacity(256);
     // One byte more than allowed tells a line that is too long from one that fits.
