@@ -19,6 +19,7 @@
 //! - [`audit`]: the hash-chained, fsync'd decision log.
 //! - [`metrics`]: Prometheus metrics; [`admin`]: the plain-HTTP `/healthz`, `/readyz`,
 //!   `/metrics` listener.
+//! - [`reload`]: eastwall.toml and the policy reloaded, live sessions re-judged.
 //! - [`locks`]: operators' locks on identities, serials, sources and roles; the lock file.
 //! - [`quickstart`]: a complete sidecar layout in one folder; [`pgcluster`]: private
 //!   PostgreSQL clusters for the demo and the tests.
@@ -44,6 +45,7 @@ pub mod quickstart;
 pub mod refusals;
 pub mod registry;
 pub mod relay;
+pub mod reload;
 pub mod server;
 pub mod session;
 pub mod sidecar;

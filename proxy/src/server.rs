@@ -167,8 +167,9 @@ pub async fn prepare(config: Config) -> Result<Sidecar, StartError> {
             settings.limits.max_handshakes_per_source,
         ),
         refusals: RefusalGate::new(Instant::now()),
+        config_watch: crate::reload::ConfigWatch::new(&settings),
         settings,
-        policy,
+        policy: RwLock::new(Arc::new(policy)),
         tls,
         upstream,
         audit,
@@ -326,6 +327,7 @@ fn spawn_upkeep(sidecar: Arc<Sidecar>, mut stop: watch::Receiver<bool>) {
                 _ = summaries.tick() => sidecar.write_due_summaries().await,
                 _ = disk.tick() => check_disk(&sidecar, &mut disk_watch).await,
                 _ = reload.tick() => {
+                    crate::reload::check(&sidecar).await;
                     crate::locks::upkeep(&sidecar.locks, &sidecar.audit).await;
                     apply_locks(&sidecar);
                     match sidecar.tls.refresh() {
@@ -360,7 +362,7 @@ fn spawn_upkeep(sidecar: Arc<Sidecar>, mut stop: watch::Receiver<bool>) {
                     if let Some(verifier) = &sidecar.mfa {
                         if let Ok(store) = SecretStore::load(&sidecar.settings.mfa.secrets) {
                             let enrolled: Vec<SpiffeId> = store.list().into_iter().map(|(id, _)| id).collect();
-                            let fresh = sidecar.policy.mfa_roles(&sidecar.settings.guards, sidecar.settings.service_port, &enrolled);
+                            let fresh = sidecar.policy().mfa_roles(&sidecar.settings.guards, sidecar.settings.service_port, &enrolled);
                             let mut roles = sidecar.mfa_roles.write().unwrap_or_else(|p| p.into_inner());
                             // Protection only grows: an operator removed (or a secrets file
                             // briefly missing) must not reopen their role to look-alikes.
@@ -545,7 +547,7 @@ fn spawn_stepup(
             crate::identity::identify(conn.peer_certificates(), &policy_of.settings.trust_domain)
                 .map_err(|err| err.to_string())?;
         // Only identities some rule asks for MFA may spend MFA budgets here.
-        let not_eligible = (!policy_of.policy.requires_mfa(&who.id)).then(|| {
+        let not_eligible = (!policy_of.policy().requires_mfa(&who.id)).then(|| {
             format!(
                 "{} is not asked for MFA by any policy rule; step-up is for operators",
                 who.id

@@ -933,7 +933,7 @@ fn decide(
         .unwrap_or_else(|p| p.into_inner())
         .clone();
     authorize(
-        &sidecar.policy,
+        &sidecar.policy(),
         &Request {
             id: &identity.id,
             source,

@@ -26,7 +26,10 @@ use crate::upstream::Upstream;
 /// Everything connections share.
 pub struct Sidecar {
     pub settings: Settings,
-    pub policy: Policy,
+    /// The policy in force; a reload ([`crate::reload`]) replaces it.
+    pub policy: RwLock<Arc<Policy>>,
+    /// eastwall.toml and the policy file as last loaded, and a pending SIGHUP.
+    pub config_watch: crate::reload::ConfigWatch,
     pub tls: ReloadingServerConfig,
     pub upstream: Upstream,
     pub cancels: Arc<CancelRegistry>,
@@ -329,6 +332,14 @@ impl Sidecar {
     /// the relay's bounded end: FATAL 57P01, both legs closed, a session_end line.
     pub fn end_all_sessions(&self, reason: EndReason) {
         self.sessions.end_all(reason);
+    }
+
+    /// The policy in force now.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Admitted sessions not yet ended: `eastwall_sessions_active`. The one place metrics

@@ -88,6 +88,8 @@ fn reopen_log_on_sighup(sidecar: std::sync::Arc<crate::server::Sidecar>) -> anyh
     let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
+            // SIGHUP also reloads eastwall.toml and the policy (at the next upkeep tick).
+            sidecar.config_watch.request();
             match sidecar.audit.reopen().await {
                 Ok(()) => tracing::info!("SIGHUP: decision log reopened"),
                 Err(err) => tracing::error!(%err, "SIGHUP: cannot reopen the decision log"),
