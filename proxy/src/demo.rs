@@ -79,6 +79,8 @@ pub enum DemoError {
         expected: &'static str,
         got: String,
     },
+    #[error("cannot write the operator's lock: {0}")]
+    Lock(#[from] crate::locks::LockError),
     #[error("the decision log does not verify: {0}")]
     Audit(#[from] VerifyError),
 }
@@ -264,6 +266,7 @@ impl<'a> Story<'a> {
         self.laptop().await?;
         self.stolen_goods().await?;
         let (alice, spent) = self.alice().await?;
+        self.lock_stolen().await?;
         // Sessions end (and log their end) once their clients are gone.
         drop(billing);
         drop(alice);
@@ -497,11 +500,12 @@ impl<'a> Story<'a> {
     /// Step 5: the contained incident, as the decision log tells it.
     async fn incident(&self) -> Result<(), DemoError> {
         let say = self.say;
-        say.step("5", "The contained incident: every decision in the log.");
-        // Two sessions were admitted (billing, alice); wait for both ends so the table is whole.
+        say.step("6", "The contained incident: every decision in the log.");
+        // Four sessions were admitted (billing, alice, the stolen certificate, billing's new
+        // one); wait for their ends so the table is whole.
         let deadline = Instant::now() + LOG_WAIT;
         let mut lines = self.decisions()?;
-        while count(&lines, "session_end") < 2 && Instant::now() < deadline {
+        while count(&lines, "session_end") < 4 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
             lines = self.decisions()?;
         }
@@ -554,9 +558,141 @@ impl<'a> Story<'a> {
         ));
         say.line("");
         say.line(
-            "Contained: the laptop never reached PostgreSQL, the stolen certificate was worthless, \
-             the operator needed her second factor, and every attempt is in a tamper-evident log.",
+            "Contained: the laptop never reached PostgreSQL, a forged certificate was worthless, \
+             the operator needed her second factor, the stolen one was locked out mid-session, \
+             and every attempt is in a tamper-evident log.",
         );
+        Ok(())
+    }
+
+    /// Step 5: billing's real certificate was copied off the laptop and is in use. The
+    /// operator locks that certificate by serial; its live session is cut within a tick
+    /// while billing, on a freshly issued certificate, goes on.
+    async fn lock_stolen(&self) -> Result<(), DemoError> {
+        const STEP: &str = "5 (lock the stolen certificate)";
+        let say = self.say;
+        say.step(
+            "5",
+            "The attacker found billing's own certificate on the laptop and is using it.",
+        );
+        let id = self.id("billing");
+        let since = self.log_len()?;
+        let who = self
+            .layout
+            .identity("billing")
+            .ok_or_else(|| step_err(STEP, "a billing identity", "none".into()))?;
+        let read = |p: &Path| {
+            std::fs::read_to_string(p)
+                .map_err(DemoError::io(format!("cannot read {}", p.display())))
+        };
+        let tls = self.tls("billing", &read(&who.cert)?, &read(&who.key)?)?;
+        let (stolen, watched) = self.connect_watched(tls, "billing").await?;
+        let admitted = self
+            .wait_for(since, |l| {
+                l["event"] == "connect" && l["decision"] == "allow"
+            })
+            .await
+            .ok_or_else(|| step_err(STEP, "an allow line", "none".into()))?;
+        let serial = text(&admitted["cert_serial"]);
+        say.verdict(
+            &id,
+            "billing",
+            "allow",
+            Tone::Bad,
+            "a valid certificate, in the wrong hands",
+        );
+
+        // Billing gets a new certificate; its service keeps running on it.
+        let ca = Ca::open(&self.layout.dir.join("ca"))?;
+        let fresh = ca.issue(&IssueRequest::new(who.id.clone()))?;
+        let tls = self.tls(
+            "billing's re-issued certificate",
+            &fresh.cert_pem,
+            fresh.key_pem.as_deref().unwrap_or_default(),
+        )?;
+        let own = match self.connect_with(tls, "billing", None).await? {
+            Ok(client) => client,
+            Err(err) => {
+                return Err(step_err(
+                    STEP,
+                    "billing's new certificate admitted",
+                    describe(&err),
+                ))
+            }
+        };
+
+        // The operator's lock, as `eastwall lock add` writes it.
+        let settings = eastwall_config::Settings::load(&self.layout.config)
+            .map_err(|e| DemoError::Config(e.lines().join("; ")))?;
+        let now = SystemTime::now();
+        let target = crate::locks::Target::serial(&serial)?;
+        let lock = crate::locks::edit(&settings.locks_file, &settings.trust_domain, now, |set| {
+            let lock = crate::locks::Lock::new(
+                target,
+                None,
+                "stolen from the finance laptop".into(),
+                "demo".into(),
+                now,
+                set,
+            )?;
+            let mut all = set.locks().to_vec();
+            all.push(lock.clone());
+            Ok((all, lock))
+        })?;
+        say.detail(format_args!(
+            "eastwall lock add --config {} --serial {serial} --message \"stolen from the finance laptop\"  =>  {}",
+            self.layout.config.display(),
+            lock.id
+        ));
+        let locked = Instant::now();
+        let mut cut = None;
+        while locked.elapsed() < Duration::from_secs(10) {
+            if let Err(err) = stolen.simple_query("select 1").await {
+                cut = Some(err);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let cut = cut.ok_or_else(|| {
+            step_err(
+                STEP,
+                "the stolen session cut",
+                "still running after 10 s".into(),
+            )
+        })?;
+        let took = locked.elapsed();
+        say.verdict(
+            &id,
+            "billing",
+            "cut",
+            Tone::Good,
+            &format!(
+                "lock {} (serial {serial}), {:.1} s after the lock",
+                lock.id,
+                took.as_secs_f64()
+            ),
+        );
+        // The FATAL went to the connection task; show what the attacker's client was told.
+        let told = match tokio::time::timeout(CLIENT_TIMEOUT, watched).await {
+            Ok(Ok(Err(err))) => describe(&err),
+            _ => describe(&cut),
+        };
+        say.detail(format_args!("the attacker sees:  {told}"));
+        let row = own
+            .query_one("select count(*)::int from invoices", &[])
+            .await
+            .map_err(|e| step_err(STEP, "billing's own session to go on", describe(&e)))?;
+        say.detail(format_args!(
+            "billing, on its re-issued certificate:  select count(*) from invoices  =>  {}",
+            row.get::<_, i32>(0)
+        ));
+        // The remediation: billing's files now hold the new certificate (the stolen one stays
+        // locked), so the layout's commands keep working for billing.
+        write_private(&who.key, fresh.key_pem.as_deref().unwrap_or_default())?;
+        std::fs::write(&who.cert, &fresh.cert_pem).map_err(DemoError::io(format!(
+            "cannot write {}",
+            who.cert.display()
+        )))?;
         Ok(())
     }
 
@@ -706,6 +842,43 @@ impl<'a> Story<'a> {
         }
     }
 
+    /// Connects and keeps the connection task, where a FATAL sent to an idle client lands.
+    async fn connect_watched(
+        &self,
+        tls: rustls::ClientConfig,
+        role: &str,
+    ) -> Result<
+        (
+            Client,
+            tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+        ),
+        DemoError,
+    > {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host("localhost")
+            .hostaddr(self.addr.ip())
+            .port(self.addr.port())
+            .user(role)
+            .dbname(DATABASE)
+            .ssl_mode(SslMode::Require)
+            .connect_timeout(CLIENT_TIMEOUT);
+        let attempt =
+            tokio::time::timeout(CLIENT_TIMEOUT, config.connect(MakeRustlsConnect::new(tls)));
+        match attempt.await {
+            Ok(Ok((client, connection))) => Ok((client, tokio::spawn(connection))),
+            Ok(Err(err)) => Err(step_err(
+                "5 (lock the stolen certificate)",
+                "the stolen certificate admitted",
+                describe(&err),
+            )),
+            Err(_) => Err(DemoError::Io {
+                what: format!("connecting to the sidecar at {}", self.addr),
+                source: io::Error::new(io::ErrorKind::TimedOut, "no answer within 10 s"),
+            }),
+        }
+    }
+
     /// Connects and expects a FATAL 28000 refusal inside TLS.
     async fn expect_refusal(
         &self,
@@ -801,6 +974,22 @@ fn client_config(
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
         .map_err(|e| e.to_string())
+}
+
+/// Replaces a private key file, mode 0600 from its first byte.
+fn write_private(path: &Path, text: &str) -> Result<(), DemoError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("key.tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(DemoError::io(format!("cannot write {}", tmp.display())))?;
+    file.write_all(text.as_bytes())
+        .map_err(DemoError::io(format!("cannot write {}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(DemoError::io(format!("cannot replace {}", path.display())))
 }
 
 fn step_err(step: &'static str, expected: &'static str, got: String) -> DemoError {

@@ -66,6 +66,20 @@ fn demo_tells_the_story_and_every_verdict_holds() {
         stdout.contains("select current_user  =>  alice"),
         "{stdout}"
     );
+    // The stolen billing certificate is locked by serial and its live session cut with the
+    // lock's message, while billing on its re-issued certificate goes on.
+    let cut = verdict_line(&stdout, billing, "cut").expect("the stolen session is cut");
+    assert!(cut.contains("lock "), "{cut}");
+    assert!(
+        stdout.contains("FATAL 57P01: terminating connection: stolen from the finance laptop"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "billing, on its re-issued certificate:  select count(*) from invoices  =>  3"
+        ),
+        "{stdout}"
+    );
     assert!(stdout.contains("chain intact"), "{stdout}");
     // Not a terminal: no colour codes for a pipe or a log file to choke on.
     assert!(!stdout.contains('\x1b'), "escape codes in piped output");
