@@ -236,7 +236,11 @@ async fn a_drain_is_not_ready_at_once_and_ends_early_when_sessions_do() -> anyho
         dir,
     } = d;
     let sidecar = proxy.sidecar.clone();
+    let admin = proxy
+        .admin_addr
+        .ok_or_else(|| anyhow!("the fixture serves /readyz"))?;
     assert!(!sidecar.draining());
+    assert!(readyz(admin).await?.starts_with("HTTP/1.1 200"));
     let started = Instant::now();
     let drain = tokio::spawn(proxy.drain(Duration::from_secs(30), std::future::pending()));
     let until = Instant::now() + Duration::from_secs(5);
@@ -244,6 +248,10 @@ async fn a_drain_is_not_ready_at_once_and_ends_early_when_sessions_do() -> anyho
         anyhow::ensure!(Instant::now() < until, "not draining");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // What an orchestrator sees during the drain: not ready, and why.
+    let answer = readyz(admin).await?;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("draining"), "{answer}");
     client.simple_query("select 1").await?;
     drop(client);
     let _ = timeout(Duration::from_secs(5), conn).await;
@@ -259,4 +267,19 @@ async fn a_drain_is_not_ready_at_once_and_ends_early_when_sessions_do() -> anyho
     assert_eq!(ends[0]["reason"], "client_closed");
     drop((cluster, dir));
     Ok(())
+}
+
+/// `GET /readyz` over plain HTTP/1.1; the whole answer as text.
+async fn readyz(admin: std::net::SocketAddr) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect(admin),
+    )
+    .await??;
+    tcp.write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut answer = Vec::new();
+    timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer)).await??;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
 }
