@@ -79,7 +79,11 @@ pub async fn serve(
 
     // A full handshake budget can take this connection's slot for a source holding fewer.
     let evicted = handshake.eviction();
-    let front = tokio::time::timeout(deadline, async {
+    // Boxed, as is every stage before and after the relay: a task's future is as large as
+    // its largest state, and the session task lives as long as the session. Inline, the TLS
+    // handshake, admission and logging states made each idle session's task 27 KiB; boxed,
+    // they are heap allocations freed when their stage is done.
+    let front = Box::pin(tokio::time::timeout(deadline, async {
         tokio::select! {
             front = startup::negotiate(tcp, sidecar.tls.get(), handshake_timeout, handshake) => front,
             _ = evicted.notified() => FrontDoor::Refused(startup::Refusal {
@@ -87,30 +91,29 @@ pub async fn serve(
                 detail: "handshake budget full: this source's oldest handshake made room for another source".into(),
             }),
         }
-    })
+    }))
     .await;
     let front = match front {
         Ok(front) => front,
         Err(_) => {
-            sidecar
-                .log_refusal(
-                    &conn_id,
-                    peer,
-                    "startup_timeout",
-                    "no startup within the deadline",
-                )
-                .await;
+            Box::pin(sidecar.log_refusal(
+                &conn_id,
+                peer,
+                "startup_timeout",
+                "no startup within the deadline",
+            ))
+            .await;
             return;
         }
     };
     match front {
         FrontDoor::Gone => {}
         FrontDoor::Refused(refusal) => {
-            sidecar
-                .log_refusal(&conn_id, peer, refusal.reason, &refusal.detail)
-                .await;
+            Box::pin(sidecar.log_refusal(&conn_id, peer, refusal.reason, &refusal.detail)).await;
         }
-        FrontDoor::Cancel { pid, key } => handle_cancel(&sidecar, &conn_id, peer, pid, &key).await,
+        FrontDoor::Cancel { pid, key } => {
+            Box::pin(handle_cancel(&sidecar, &conn_id, peer, pid, &key)).await
+        }
         FrontDoor::Plaintext {
             startup,
             mut stream,
@@ -122,7 +125,7 @@ pub async fn serve(
                 entry.db_user = startup.param("user").map(str::to_owned);
                 entry.database = startup.param("database").map(str::to_owned);
             }
-            sidecar.log_unauthenticated(entry).await;
+            Box::pin(sidecar.log_unauthenticated(entry)).await;
             let mut out = BytesMut::new();
             codec::put_error(
                 &mut out,
@@ -137,7 +140,10 @@ pub async fn serve(
         FrontDoor::Session(arrival) => {
             sidecar.metrics.observe_handshake(started.elapsed());
             let remaining = deadline.saturating_sub(started.elapsed());
-            admit_and_relay(sidecar, conn_id, peer, *arrival, remaining, startup).await;
+            Box::pin(admit_and_relay(
+                sidecar, conn_id, peer, arrival, remaining, startup,
+            ))
+            .await;
         }
     }
 }
@@ -248,40 +254,70 @@ struct Places {
     cert_elsewhere: bool,
 }
 
+/// An admitted session: everything it holds for its lifetime, in one heap allocation that
+/// the relay borrows from (nothing of it is copied into the task's future).
+struct Admitted {
+    tls: TlsStream<TcpStream>,
+    session: UpstreamSession,
+    candidate: Candidate,
+    decision: Decision,
+    cancel: crate::cancel::CancelGuard,
+    places: Places,
+}
+
 async fn admit_and_relay(
     sidecar: Arc<Sidecar>,
     conn_id: String,
     peer: SocketAddr,
-    arrival: Arrival,
+    mut arrival: Box<Arrival>,
     auth_time_left: std::time::Duration,
     startup_slot: StartupSlot,
 ) {
-    let Arrival {
-        mut tls,
-        startup,
-        leftover,
-        ..
-    } = arrival;
-    let admitted = admit(&sidecar, conn_id, peer, &mut tls, &startup, auth_time_left).await;
+    let admitted = Box::pin(admit(
+        &sidecar,
+        conn_id,
+        peer,
+        &mut arrival.tls,
+        &arrival.startup,
+        auth_time_left,
+    ))
+    .await;
     let (candidate, decision, places, mut session) = match admitted {
         Ok(admitted) => admitted,
-        Err(refusal) => return refusal.apply(&sidecar, &mut tls).await,
+        Err(refusal) => return Box::pin(refusal.apply(&sidecar, &mut arrival.tls)).await,
     };
-    let Some(cancel) = greet(
+    let Some(cancel) = Box::pin(greet(
         &sidecar,
         &candidate,
-        &mut tls,
-        &startup,
+        &mut arrival.tls,
+        &arrival.startup,
         &mut session,
-        &leftover,
-    )
+        &arrival.leftover,
+    ))
     .await
     else {
         return;
     };
     drop(startup_slot);
-    relay_and_log(&sidecar, candidate, decision, tls, session, cancel).await;
-    drop(places);
+    // What the greeting needed (the startup packet, the login's ParameterStatus list and
+    // notices) is freed here, not kept by every idle session.
+    let tls = into_tls(arrival);
+    session.parameters = Vec::new();
+    session.pending = BytesMut::new();
+    let live = Box::new(Admitted {
+        tls,
+        session,
+        candidate,
+        decision,
+        cancel,
+        places,
+    });
+    relay_and_log(&sidecar, live).await;
+}
+
+/// The TLS stream out of an arrival, the rest (and its allocation) freed now.
+fn into_tls(arrival: Box<Arrival>) -> TlsStream<TcpStream> {
+    arrival.tls
 }
 
 /// Admission, stage by stage; PostgreSQL hears nothing before the upstream login, and the
@@ -690,39 +726,25 @@ async fn greet(
 
 /// The admitted session: registered (kills, locks, reloads, expiry, drain reach it there),
 /// relayed, closed by whichever end, and its session_end line written.
-async fn relay_and_log(
-    sidecar: &Sidecar,
-    c: Candidate,
-    decision: Decision,
-    mut tls: TlsStream<TcpStream>,
-    mut session: UpstreamSession,
-    cancel: crate::cancel::CancelGuard,
-) {
-    let Candidate {
-        conn_id,
-        peer,
-        user,
-        database,
-        identity,
-        id_text,
-        entry,
-    } = c;
+async fn relay_and_log(sidecar: &Sidecar, mut held: Box<Admitted>) {
+    let c = &held.candidate;
     // Registered until the session_end line is written: a shutdown waits for it.
     let live = sidecar.sessions.register(SessionInfo {
-        conn_id: conn_id.clone(),
-        spiffe_id: identity.id.clone(),
-        serial_hex: identity.serial_hex.clone(),
-        not_after: identity.not_after,
-        source: peer,
-        role: user.clone(),
-        database: database.clone(),
+        conn_id: c.conn_id.clone(),
+        spiffe_id: c.identity.id.clone(),
+        serial_hex: c.identity.serial_hex.clone(),
+        not_after: c.identity.not_after,
+        source: c.peer,
+        role: c.user.clone(),
+        database: c.database.clone(),
         started: SystemTime::now(),
-        mfa: mfa_state(&entry),
-        rule: entry.rule.clone(),
+        mfa: mfa_state(&c.entry),
+        rule: c.entry.rule.clone(),
     });
     let admitted = Instant::now();
     // Operators' sessions rest on an MFA assertion that ages; max_session bounds how long.
-    let max_session = decision
+    let max_session = held
+        .decision
         .mfa_group
         .as_ref()
         .and(sidecar.settings.mfa.max_session);
@@ -732,26 +754,65 @@ async fn relay_and_log(
         ..relay::RelayLimits::default()
     };
     let stop = stop_signal(sidecar, &live);
-    let mut outcome = relay::relay_counted(
-        &mut tls,
+    let Admitted { tls, session, .. } = &mut *held;
+    let outcome = relay::relay_counted(
+        tls,
         &mut session.stream,
         limits,
         Some(stop),
         Some(live.bytes()),
     )
     .await;
+    Box::pin(end_session(
+        sidecar,
+        held,
+        outcome,
+        admitted,
+        max_session,
+        limits,
+    ))
+    .await;
+    drop(live);
+}
+
+/// After the relay: both legs closed if Eastwall ended the session, then its session_end
+/// line. Boxed by the caller, so none of this sits in an idle session's future.
+async fn end_session(
+    sidecar: &Sidecar,
+    held: Box<Admitted>,
+    mut outcome: relay::RelayOutcome,
+    admitted: Instant,
+    max_session: Option<std::time::Duration>,
+    limits: relay::RelayLimits,
+) {
+    let Admitted {
+        tls,
+        session,
+        candidate: c,
+        decision,
+        cancel,
+        places,
+    } = *held;
     drop(cancel);
     if let relay::RelayEnd::Ended(ending) = &mut outcome.end {
-        let message = farewell(&ending.reason, &id_text, &conn_id, max_session, limits.idle);
+        let message = farewell(
+            &ending.reason,
+            &c.id_text,
+            &c.conn_id,
+            max_session,
+            limits.idle,
+        );
         close_ended(sidecar, tls, session, ending, &message).await;
+    } else {
+        drop((tls, session));
     }
 
-    let mut end = sidecar.entry(&conn_id, peer, "session_end");
+    let mut end = sidecar.entry(&c.conn_id, c.peer, "session_end");
     end.decision = Some("allow");
-    end.spiffe_id = Some(id_text);
-    end.cert_serial = Some(identity.serial_hex.clone());
-    end.db_user = Some(user);
-    end.database = Some(database);
+    end.spiffe_id = Some(c.id_text);
+    end.cert_serial = Some(c.identity.serial_hex);
+    end.db_user = Some(c.user);
+    end.database = Some(c.database);
     end.rule = decision.rule.as_ref().map(|r| r.to_string());
     end.reason = outcome.end.reason().into();
     end.extra.insert(
@@ -770,9 +831,9 @@ async fn relay_and_log(
         end_details(&mut end, &ending.reason);
     }
     if let Err(err) = sidecar.audit.record(end).await {
-        tracing::error!(conn.id = %conn_id, %err, "could not log session end");
+        tracing::error!(conn.id = %c.conn_id, %err, "could not log session end");
     }
-    drop(live);
+    drop(places);
 }
 
 /// The MFA fields of the allow line, for the registry.
