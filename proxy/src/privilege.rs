@@ -58,6 +58,8 @@ pub struct Report {
     /// The session's user and database as PostgreSQL has them.
     pub session_user: String,
     pub database: String,
+    /// Parameters it holds SET on (comma-separated), still to be judged.
+    set_granted: Option<String>,
 }
 
 /// Asks the catalog on `session` (right after login, before the client is relayed), with
@@ -69,9 +71,8 @@ pub async fn check(
 ) -> Result<Report, String> {
     let major = server_major(&session.parameters)
         .ok_or("PostgreSQL did not report a server_version it can be judged by")?;
-    let sql = query(major, protected);
-    match tokio::time::timeout(timeout, ask(session, &sql)).await {
-        Ok(Ok(row)) => judge(&row, major),
+    match tokio::time::timeout(timeout, check_within(session, major, protected)).await {
+        Ok(Ok(report)) => Ok(report),
         Ok(Err(why)) => Err(format!(
             "the role's privileges could not be checked ({why})"
         )),
@@ -79,6 +80,28 @@ pub async fn check(
             "the role's privileges could not be checked within {timeout:?}"
         )),
     }
+}
+
+/// One query in the common case; a second only when the role holds SET on some parameter,
+/// to learn whether any of them is one only superusers may set (`pg_settings` is costly to
+/// plan on a backend's first query, and such grants are rare).
+async fn check_within(
+    session: &mut UpstreamSession,
+    major: u32,
+    protected: &[&str],
+) -> Result<Report, String> {
+    let mut report = judge(&ask(session, &query(major, protected)).await?, major)?;
+    if report.superuser.is_none() {
+        if let Some(granted) = report.set_granted.take() {
+            let row = ask(session, &superuser_parameters_query(&granted)).await?;
+            if let Some(names) = judge_parameters(&row)? {
+                report.superuser = Some(format!(
+                    "it holds SET on a parameter only superusers may set ({names})"
+                ));
+            }
+        }
+    }
+    Ok(report)
 }
 
 /// The major version from the `server_version` ParameterStatus (`15.18 (Debian …)`).
@@ -112,38 +135,41 @@ fn name_array(names: &[&str]) -> String {
     format!("ARRAY[{}]::pg_catalog.name[]", items.join(", "))
 }
 
+/// Roles whose members get a shell, files or every row as the OS account `postgres`.
+const DANGEROUS_ROLES: &[&str] = &[
+    "pg_execute_server_program",
+    "pg_read_server_files",
+    "pg_write_server_files",
+    "pg_read_all_data",
+    "pg_write_all_data",
+];
+
 /// The question, written so that the session's own settings cannot change its meaning: every
 /// object, function, operator and type is schema-qualified, because `search_path` is the
 /// client's to set (startup parameter, `ALTER ROLE … SET`) and could put a look-alike first.
+///
+/// One scan of `pg_roles` over the roles the session user is a member of (itself included)
+/// answers every role question at once: on a backend's first query, planning is most of the
+/// cost, and each further reference to the view is planned again.
 fn query(major: u32, protected: &[&str]) -> String {
-    let member = |role: &str| {
-        format!("pg_catalog.pg_has_role(session_user, '{role}'::pg_catalog.name, 'MEMBER')")
-    };
-    let member_with = |attribute: &str| {
+    let is_self = "c.rolname OPERATOR(pg_catalog.=) session_user";
+    let names_in = |names: &[&str]| {
         format!(
-            "EXISTS (SELECT 1 FROM pg_catalog.pg_roles c WHERE c.{attribute} \
-             AND pg_catalog.pg_has_role(session_user, c.oid, 'MEMBER'))"
+            "pg_catalog.string_agg(c.rolname::pg_catalog.text, ',') \
+             FILTER (WHERE c.rolname OPERATOR(pg_catalog.=) ANY ({}))",
+            name_array(names)
         )
     };
-    let all_data = if major >= 14 {
-        format!(
-            "{} OR {}",
-            member("pg_read_all_data"),
-            member("pg_write_all_data")
-        )
-    } else {
-        "false".into()
-    };
-    let parameters = if major >= 15 {
-        "EXISTS (SELECT 1 FROM pg_catalog.pg_parameter_acl a \
-           WHERE pg_catalog.has_parameter_privilege(session_user, a.parname, 'ALTER SYSTEM') \
-              OR (pg_catalog.has_parameter_privilege(session_user, a.parname, 'SET') \
-                  AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_settings g \
-                    WHERE g.name OPERATOR(pg_catalog.=) a.parname \
-                      AND g.context OPERATOR(pg_catalog.=) 'user')))"
-            .to_owned()
-    } else {
-        "false".into()
+    let parameters = |privilege: &str| {
+        if major >= 15 {
+            format!(
+                "(SELECT pg_catalog.string_agg(a.parname::pg_catalog.text, ',') \
+                   FROM pg_catalog.pg_parameter_acl a \
+                  WHERE pg_catalog.has_parameter_privilege(session_user, a.parname, '{privilege}'))"
+            )
+        } else {
+            "NULL::pg_catalog.text".into()
+        }
     };
     let functions = format!(
         "EXISTS (SELECT 1 FROM pg_catalog.pg_proc p \
@@ -151,23 +177,33 @@ fn query(major: u32, protected: &[&str]) -> String {
              AND pg_catalog.has_function_privilege(session_user, p.oid, 'EXECUTE'))",
         name_array(DANGEROUS_FUNCTIONS)
     );
-    let protected = format!(
-        "(SELECT pg_catalog.string_agg(p.rolname::pg_catalog.text, ',') FROM pg_catalog.pg_roles p \
-           WHERE p.rolname OPERATOR(pg_catalog.=) ANY ({}) \
-             AND pg_catalog.pg_has_role(session_user, p.oid, 'MEMBER'))",
-        name_array(protected)
-    );
     format!(
-        "SELECT r.rolsuper, {super_member}, {exec}, {read}, {write}, {all_data}, {createrole}, \
-         {replication}, {parameters}, {functions}, {protected}, \
+        "SELECT pg_catalog.bool_or({is_self}), \
+         pg_catalog.bool_or(c.rolsuper AND {is_self}), \
+         pg_catalog.bool_or(c.rolsuper AND NOT {is_self}), \
+         {dangerous}, \
+         pg_catalog.bool_or(c.rolcreaterole), pg_catalog.bool_or(c.rolreplication), \
+         {alter_system}, {set}, {functions}, {protected}, \
          session_user::pg_catalog.text, pg_catalog.current_database()::pg_catalog.text \
-         FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) session_user",
-        super_member = member_with("rolsuper"),
-        exec = member("pg_execute_server_program"),
-        read = member("pg_read_server_files"),
-        write = member("pg_write_server_files"),
-        createrole = member_with("rolcreaterole"),
-        replication = member_with("rolreplication"),
+         FROM pg_catalog.pg_roles c \
+         WHERE pg_catalog.pg_has_role(session_user, c.oid, 'MEMBER')",
+        dangerous = names_in(DANGEROUS_ROLES),
+        alter_system = parameters("ALTER SYSTEM"),
+        set = parameters("SET"),
+        protected = names_in(protected),
+    )
+}
+
+/// Of the parameters in `granted` (comma-separated, from `pg_parameter_acl`), those a
+/// non-superuser may not normally set: not in `pg_settings` as `user` context.
+fn superuser_parameters_query(granted: &str) -> String {
+    let items: Vec<String> = granted.split(',').map(literal).collect();
+    format!(
+        "SELECT pg_catalog.string_agg(n, ',') \
+         FROM pg_catalog.unnest(ARRAY[{}]::pg_catalog.text[]) AS n \
+         WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_settings g \
+           WHERE g.name OPERATOR(pg_catalog.=) n AND g.context OPERATOR(pg_catalog.=) 'user')",
+        items.join(", ")
     )
 }
 
@@ -251,7 +287,7 @@ async fn next_message(
 
 /// Reads the one row the query returns.
 fn judge(row: &[Option<Bytes>], major: u32) -> Result<Report, String> {
-    const COLUMNS: usize = 13;
+    const COLUMNS: usize = 12;
     if row.len() != COLUMNS {
         return Err(format!("{} columns, expected {COLUMNS}", row.len()));
     }
@@ -268,43 +304,65 @@ fn judge(row: &[Option<Bytes>], major: u32) -> Result<Report, String> {
             .map(|v| String::from_utf8(v.to_vec()).map_err(|_| format!("column {i} is not UTF-8")))
             .transpose()
     };
+    // Every role the session user is a member of is a row, itself included: without its
+    // own row there is nothing to judge by (the aggregates are all NULL then).
+    if !flag(0)? {
+        return Err("no catalog row for the session user".into());
+    }
+    let dangerous = text(3)?;
+    let alter_system = text(6)?;
     let reasons = [
-        (flag(0)?, "it is a superuser"),
-        (flag(1)?, "it is a member of a superuser role"),
-        (flag(2)?, "it is a member of pg_execute_server_program"),
-        (flag(3)?, "it is a member of pg_read_server_files"),
-        (flag(4)?, "it is a member of pg_write_server_files"),
+        (flag(1)?, "it is a superuser".to_owned()),
+        (flag(2)?, "it is a member of a superuser role".to_owned()),
+        (
+            dangerous.is_some(),
+            format!(
+                "it is a member of {}",
+                dangerous.as_deref().unwrap_or_default()
+            ),
+        ),
+        (
+            flag(4)? && major < 16,
+            "it has CREATEROLE (itself or through a role it belongs to), which before PostgreSQL 16 can grant itself any non-superuser role".to_owned(),
+        ),
         (
             flag(5)?,
-            "it is a member of pg_read_all_data or pg_write_all_data",
+            "it has REPLICATION (itself or through a role it belongs to)".to_owned(),
         ),
         (
-            flag(6)? && major < 16,
-            "it has CREATEROLE (itself or through a role it belongs to), which before PostgreSQL 16 can grant itself any non-superuser role",
-        ),
-        (
-            flag(7)?,
-            "it has REPLICATION (itself or through a role it belongs to)",
+            alter_system.is_some(),
+            format!(
+                "it holds ALTER SYSTEM on {}",
+                alter_system.as_deref().unwrap_or_default()
+            ),
         ),
         (
             flag(8)?,
-            "it holds ALTER SYSTEM, or SET on a parameter only superusers may set",
-        ),
-        (
-            flag(9)?,
-            "it may execute a built-in that reads or writes server files or reloads the configuration",
+            "it may execute a built-in that reads or writes server files or reloads the configuration".to_owned(),
         ),
     ];
     let superuser = reasons
-        .iter()
+        .into_iter()
         .find(|(holds, _)| *holds)
-        .map(|(_, why)| (*why).to_owned());
+        .map(|(_, why)| why);
     Ok(Report {
         superuser,
-        protected_member: text(10)?,
-        session_user: text(11)?.ok_or("no session_user")?,
-        database: text(12)?.ok_or("no current_database")?,
+        set_granted: text(7)?,
+        protected_member: text(9)?,
+        session_user: text(10)?.ok_or("no session_user")?,
+        database: text(11)?.ok_or("no current_database")?,
     })
+}
+
+/// Reads the answer of [`superuser_parameters_query`]: the names, or None.
+fn judge_parameters(row: &[Option<Bytes>]) -> Result<Option<String>, String> {
+    match row {
+        [value] => value
+            .as_deref()
+            .map(|v| String::from_utf8(v.to_vec()).map_err(|_| "not UTF-8".to_owned()))
+            .transpose(),
+        _ => Err(format!("{} columns, expected 1", row.len())),
+    }
 }
 
 #[cfg(test)]
@@ -318,10 +376,22 @@ mod tests {
             .collect()
     }
 
+    /// The row for billing, an ordinary role: found, no flag, no name.
     fn ordinary() -> Vec<Option<&'static str>> {
-        let mut v = vec![Some("f"); 10];
-        v.extend([None, Some("billing"), Some("billing")]);
-        v
+        vec![
+            Some("t"),
+            Some("f"),
+            Some("f"),
+            None,
+            Some("f"),
+            Some("f"),
+            None,
+            None,
+            Some("f"),
+            None,
+            Some("billing"),
+            Some("billing"),
+        ]
     }
 
     #[test]
@@ -329,24 +399,23 @@ mod tests {
         let report = judge(&row(&ordinary()), 15).unwrap();
         assert_eq!(report.superuser, None);
         assert_eq!(report.protected_member, None);
+        assert_eq!(report.set_granted, None);
         assert_eq!(report.session_user, "billing");
     }
 
     #[test]
     fn each_path_to_superuser_is_named() {
-        for (i, needle) in [
-            (0, "superuser"),
-            (1, "member of a superuser role"),
-            (2, "pg_execute_server_program"),
-            (3, "pg_read_server_files"),
-            (4, "pg_write_server_files"),
-            (5, "pg_read_all_data"),
-            (7, "REPLICATION"),
-            (8, "ALTER SYSTEM"),
-            (9, "built-in"),
+        for (i, value, needle) in [
+            (1, "t", "superuser"),
+            (2, "t", "member of a superuser role"),
+            (3, "pg_execute_server_program", "pg_execute_server_program"),
+            (3, "pg_read_all_data", "pg_read_all_data"),
+            (5, "t", "REPLICATION"),
+            (6, "archive_command", "ALTER SYSTEM on archive_command"),
+            (8, "t", "built-in"),
         ] {
             let mut values = ordinary();
-            values[i] = Some("t");
+            values[i] = Some(value);
             let report = judge(&row(&values), 16).unwrap();
             let why = report.superuser.unwrap_or_default();
             assert!(why.contains(needle), "column {i}: {why}");
@@ -354,9 +423,29 @@ mod tests {
     }
 
     #[test]
+    fn a_set_grant_is_left_for_the_second_question() {
+        let mut values = ordinary();
+        values[7] = Some("work_mem,session_preload_libraries");
+        let report = judge(&row(&values), 15).unwrap();
+        assert_eq!(report.superuser, None);
+        assert_eq!(
+            report.set_granted.as_deref(),
+            Some("work_mem,session_preload_libraries")
+        );
+        let second = superuser_parameters_query("work_mem,it's");
+        assert!(second.contains("E'work_mem', E'it''s'"), "{second}");
+        assert_eq!(judge_parameters(&row(&[None])).unwrap(), None);
+        assert_eq!(
+            judge_parameters(&row(&[Some("session_preload_libraries")])).unwrap(),
+            Some("session_preload_libraries".into())
+        );
+        assert!(judge_parameters(&row(&[None, None])).is_err());
+    }
+
+    #[test]
     fn createrole_counts_only_before_16() {
         let mut values = ordinary();
-        values[6] = Some("t");
+        values[4] = Some("t");
         assert!(judge(&row(&values), 15).unwrap().superuser.is_some());
         assert!(judge(&row(&values), 16).unwrap().superuser.is_none());
     }
@@ -364,7 +453,7 @@ mod tests {
     #[test]
     fn protected_membership_is_reported() {
         let mut values = ordinary();
-        values[10] = Some("dba,alice");
+        values[9] = Some("dba,alice");
         let report = judge(&row(&values), 15).unwrap();
         assert_eq!(report.protected_member.as_deref(), Some("dba,alice"));
     }
@@ -372,14 +461,19 @@ mod tests {
     #[test]
     fn an_unreadable_answer_is_an_error_not_ordinary() {
         assert!(judge(&row(&[Some("f"); 6]), 15).is_err());
+        // No row for the session user itself: the aggregates are NULL.
+        assert!(judge(&row(&[None; 12]), 15).is_err());
         let mut values = ordinary();
-        values[0] = Some("x");
+        values[0] = Some("f");
         assert!(judge(&row(&values), 15).is_err());
         let mut values = ordinary();
-        values[3] = None;
+        values[1] = Some("x");
         assert!(judge(&row(&values), 15).is_err());
         let mut values = ordinary();
-        values[11] = None;
+        values[5] = None;
+        assert!(judge(&row(&values), 15).is_err());
+        let mut values = ordinary();
+        values[10] = None;
         assert!(judge(&row(&values), 15).is_err());
     }
 
@@ -400,7 +494,6 @@ mod tests {
 
     #[test]
     fn the_query_gates_version_specific_catalogs() {
-        assert!(!query(13, &[]).contains("pg_read_all_data"));
         assert!(!query(14, &[]).contains("pg_parameter_acl"));
         assert!(query(15, &["dba"]).contains("pg_parameter_acl"));
         assert!(query(15, &["dba"]).contains("E'dba'"));

@@ -155,6 +155,12 @@ async fn membership_in_server_file_roles_or_a_superuser_role_is_superuser() -> a
             "ALTER SYSTEM",
             "revoke alter system on parameter archive_command from billing",
         ),
+        // session_preload_libraries loads a library of the user's choosing as postgres.
+        (
+            "grant set on parameter session_preload_libraries to billing",
+            "SET on a parameter only superusers may set (session_preload_libraries)",
+            "revoke set on parameter session_preload_libraries from billing",
+        ),
         // lo_export writes any file as postgres.
         (
             "grant execute on function lo_export(oid, text) to billing",
@@ -180,6 +186,9 @@ async fn membership_in_server_file_roles_or_a_superuser_role_is_superuser() -> a
         sql(&d, revoke)?;
         assert_still_serves(&d).await?;
     }
+    // SET on a parameter any role may set anyway changes nothing.
+    sql(&d, "grant set on parameter work_mem to billing")?;
+    assert_still_serves(&d).await?;
     // The session the catalog check used was closed: no backend is left for billing.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let left = sql(
