@@ -519,6 +519,19 @@ const RULE_STARTS: &str = "`allow:`, `deny:`, `deny (and alert):` or `default ac
 /// never match what the server calls the role.
 const MAX_NAME_LEN: usize = 63;
 
+/// Why `s` cannot be a PostgreSQL role or database name as written, if it cannot.
+pub(crate) fn name_problem(s: &str) -> Option<&'static str> {
+    if s.is_empty() {
+        Some("it is empty")
+    } else if s.len() > MAX_NAME_LEN {
+        Some("it is longer than 63 bytes, which PostgreSQL would truncate")
+    } else if s.chars().any(|c| c.is_control()) {
+        Some("it contains a control character")
+    } else {
+        None
+    }
+}
+
 struct Parser<'a> {
     file: Arc<str>,
     tokens: Vec<Token>,
@@ -941,16 +954,7 @@ impl Parser<'_> {
     }
 
     fn check_name(&mut self, what: &str, s: &str, line: u32, col: u32) -> bool {
-        let problem = if s.is_empty() {
-            Some("it is empty")
-        } else if s.len() > MAX_NAME_LEN {
-            Some("it is longer than 63 bytes, which PostgreSQL would truncate")
-        } else if s.chars().any(|c| c.is_control()) {
-            Some("it contains a control character")
-        } else {
-            None
-        };
-        if let Some(problem) = problem {
+        if let Some(problem) = name_problem(s) {
             self.error(line, col, format!("expected a {what} name, but {problem}"));
             return false;
         }

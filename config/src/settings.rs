@@ -30,6 +30,9 @@
 //! connect_timeout = "5s"
 //! allow_plaintext_remote = false  # trust/password logins to a non-loopback host are refused
 //!                                 # unless this is true: they would cross the network in clear
+//! check_role = "eastwall_check"   # optional: an ordinary role Eastwall keeps a few warm side
+//!                                 # connections as, to ask the catalog what each session's
+//!                                 # role can become (default: ask the session's own backend)
 //!
 //! [segments]                      # name = [SPIFFE ID patterns]; see the pattern module
 //! app = ["spiffe://corp.example/app/**"]
@@ -164,6 +167,8 @@ pub struct UpstreamSettings {
     pub login: UpstreamLogin,
     pub connect_timeout: Duration,
     pub allow_plaintext_remote: bool,
+    /// An ordinary role for warm side connections that answer the privilege question.
+    pub check_role: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -311,6 +316,7 @@ struct RawUpstream {
     server_name: Option<Str>,
     connect_timeout: Option<Str>,
     allow_plaintext_remote: Option<bool>,
+    check_role: Option<Str>,
 }
 
 #[derive(Deserialize)]
@@ -1041,6 +1047,20 @@ fn check_upstream(c: &mut Checker<'_>, u: &RawUpstream) -> Option<UpstreamSettin
         u.connect_timeout.as_ref(),
         Duration::from_secs(5),
     );
+    let check_role = u.check_role.as_ref().and_then(|v| {
+        let name = v.get_ref();
+        match crate::policy::name_problem(name) {
+            Some(problem) => {
+                c.invalid(
+                    v.span(),
+                    "upstream.check_role",
+                    format!("expected a role name, but {problem}"),
+                );
+                None
+            }
+            None => Some(name.clone()),
+        }
+    });
     if c.problems.len() != problems_before {
         return None;
     }
@@ -1049,5 +1069,6 @@ fn check_upstream(c: &mut Checker<'_>, u: &RawUpstream) -> Option<UpstreamSettin
         login: login?,
         connect_timeout,
         allow_plaintext_remote,
+        check_role,
     })
 }

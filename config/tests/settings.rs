@@ -401,3 +401,31 @@ fn admin_socket_and_shutdown_grace_have_safe_defaults_and_refuse_nonsense() {
     let lines = refused(&format!("{MINIMAL}\n[admin]\nsockets = \"x\"\n"));
     has(&lines, "sockets");
 }
+
+#[test]
+fn check_role_must_be_a_name_postgresql_keeps_as_written() {
+    let base = "address = \"127.0.0.1:5433\"\nlogin = \"trust\"";
+    assert_eq!(
+        settings(&with_upstream(base)).unwrap().upstream.check_role,
+        None
+    );
+    let s = settings(&with_upstream(&format!(
+        "{base}\ncheck_role = \"eastwall_check\""
+    )))
+    .unwrap();
+    assert_eq!(s.upstream.check_role.as_deref(), Some("eastwall_check"));
+    let long = "r".repeat(64);
+    for (value, needle) in [
+        ("", "it is empty"),
+        (long.as_str(), "it is longer than 63 bytes"),
+        ("a\\u0007b", "it contains a control character"),
+    ] {
+        let lines = refused(&with_upstream(&format!("{base}\ncheck_role = \"{value}\"")));
+        has(
+            &lines,
+            &format!("upstream.check_role: expected a role name, but {needle}"),
+        );
+    }
+    let lines = refused(&with_upstream(&format!("{base}\ncheck_role = 7")));
+    has(&lines, "expected a string");
+}

@@ -311,6 +311,39 @@ pub fn put_query(buf: &mut BytesMut, sql: &str) {
     put_message(buf, b'Q', |b| put_cstr(b, sql));
 }
 
+/// Appends Parse: a named prepared statement whose parameter types the server infers.
+pub fn put_parse(buf: &mut BytesMut, statement: &str, sql: &str) {
+    put_message(buf, b'P', |b| {
+        put_cstr(b, statement);
+        put_cstr(b, sql);
+        b.put_u16(0);
+    });
+}
+
+/// Appends Bind of `statement` to the unnamed portal, every parameter and result in text.
+pub fn put_bind_text(buf: &mut BytesMut, statement: &str, params: &[&str]) {
+    put_message(buf, b'B', |b| {
+        put_cstr(b, "");
+        put_cstr(b, statement);
+        b.put_u16(0);
+        b.put_u16(params.len() as u16);
+        for p in params {
+            b.put_i32(p.len() as i32);
+            b.put_slice(p.as_bytes());
+        }
+        b.put_u16(0);
+    });
+}
+
+/// Appends Execute of the unnamed portal (all rows), then Sync.
+pub fn put_execute_sync(buf: &mut BytesMut) {
+    put_message(buf, b'E', |b| {
+        put_cstr(b, "");
+        b.put_i32(0);
+    });
+    put_message(buf, b'S', |_| {});
+}
+
 /// The columns of a DataRow body: each value's bytes, or None for SQL NULL.
 pub fn parse_data_row(body: &[u8]) -> Result<Vec<Option<Bytes>>, CodecError> {
     let bad = CodecError::Malformed("DataRow");

@@ -41,6 +41,7 @@ pub mod mfa;
 pub mod params;
 pub mod pgcluster;
 pub mod privilege;
+pub mod privilege_pool;
 pub mod quickstart;
 pub mod refusals;
 pub mod registry;

@@ -59,7 +59,7 @@ pub struct Report {
     pub session_user: String,
     pub database: String,
     /// Parameters it holds SET on (comma-separated), still to be judged.
-    set_granted: Option<String>,
+    pub(crate) set_granted: Option<String>,
 }
 
 /// Asks the catalog on `session` (right after login, before the client is relayed), with
@@ -90,7 +90,16 @@ async fn check_within(
     major: u32,
     protected: &[&str],
 ) -> Result<Report, String> {
-    let mut report = judge(&ask(session, &query(major, protected)).await?, major)?;
+    let report = judge(&ask(session, &query(major, protected)).await?, major)?;
+    judge_set_grants(session, report).await
+}
+
+/// The second question, asked on `session` only when `report` says the role holds SET on
+/// some parameter: is any of them one only superusers may set?
+pub(crate) async fn judge_set_grants(
+    session: &mut UpstreamSession,
+    mut report: Report,
+) -> Result<Report, String> {
     if report.superuser.is_none() {
         if let Some(granted) = report.set_granted.take() {
             let row = ask(session, &superuser_parameters_query(&granted)).await?;
@@ -105,7 +114,7 @@ async fn check_within(
 }
 
 /// The major version from the `server_version` ParameterStatus (`15.18 (Debian …)`).
-fn server_major(parameters: &[(String, String)]) -> Option<u32> {
+pub(crate) fn server_major(parameters: &[(String, String)]) -> Option<u32> {
     let (_, version) = parameters.iter().find(|(k, _)| k == "server_version")?;
     let digits: String = version.chars().take_while(char::is_ascii_digit).collect();
     digits.parse().ok()
@@ -127,7 +136,7 @@ fn literal(text: &str) -> String {
     out
 }
 
-fn name_array(names: &[&str]) -> String {
+pub(crate) fn name_array(names: &[&str]) -> String {
     if names.is_empty() {
         return "ARRAY[]::pg_catalog.name[]".into();
     }
@@ -152,12 +161,35 @@ const DANGEROUS_ROLES: &[&str] = &[
 /// answers every role question at once: on a backend's first query, planning is most of the
 /// cost, and each further reference to the view is planned again.
 fn query(major: u32, protected: &[&str]) -> String {
-    let is_self = "c.rolname OPERATOR(pg_catalog.=) session_user";
-    let names_in = |names: &[&str]| {
+    query_about(major, &Subject::SessionUser, &name_array(protected))
+}
+
+/// Whom the question is about.
+pub(crate) enum Subject {
+    /// The role this backend logged in as (`session_user`): the session's own backend.
+    SessionUser,
+    /// The role named by the first parameter of a prepared statement, `protected` the second:
+    /// a side connection asking about somebody else's session ([`crate::privilege_pool`]).
+    Parameter,
+}
+
+impl Subject {
+    fn sql(&self) -> &'static str {
+        match self {
+            Subject::SessionUser => "session_user",
+            Subject::Parameter => "$1::pg_catalog.name",
+        }
+    }
+}
+
+/// The question about `subject`, `protected` an SQL expression of type `name[]`.
+pub(crate) fn query_about(major: u32, subject: &Subject, protected: &str) -> String {
+    let who = subject.sql();
+    let is_self = format!("c.rolname OPERATOR(pg_catalog.=) {who}");
+    let names_in = |names: &str| {
         format!(
             "pg_catalog.string_agg(c.rolname::pg_catalog.text, ',') \
-             FILTER (WHERE c.rolname OPERATOR(pg_catalog.=) ANY ({}))",
-            name_array(names)
+             FILTER (WHERE c.rolname OPERATOR(pg_catalog.=) ANY ({names}))"
         )
     };
     let parameters = |privilege: &str| {
@@ -165,7 +197,7 @@ fn query(major: u32, protected: &[&str]) -> String {
             format!(
                 "(SELECT pg_catalog.string_agg(a.parname::pg_catalog.text, ',') \
                    FROM pg_catalog.pg_parameter_acl a \
-                  WHERE pg_catalog.has_parameter_privilege(session_user, a.parname, '{privilege}'))"
+                  WHERE pg_catalog.has_parameter_privilege({who}, a.parname, '{privilege}'))"
             )
         } else {
             "NULL::pg_catalog.text".into()
@@ -174,7 +206,7 @@ fn query(major: u32, protected: &[&str]) -> String {
     let functions = format!(
         "EXISTS (SELECT 1 FROM pg_catalog.pg_proc p \
            WHERE p.proname OPERATOR(pg_catalog.=) ANY ({}) AND p.proacl IS NOT NULL \
-             AND pg_catalog.has_function_privilege(session_user, p.oid, 'EXECUTE'))",
+             AND pg_catalog.has_function_privilege({who}, p.oid, 'EXECUTE'))",
         name_array(DANGEROUS_FUNCTIONS)
     );
     format!(
@@ -184,10 +216,10 @@ fn query(major: u32, protected: &[&str]) -> String {
          {dangerous}, \
          pg_catalog.bool_or(c.rolcreaterole), pg_catalog.bool_or(c.rolreplication), \
          {alter_system}, {set}, {functions}, {protected}, \
-         session_user::pg_catalog.text, pg_catalog.current_database()::pg_catalog.text \
+         {who}::pg_catalog.text, pg_catalog.current_database()::pg_catalog.text \
          FROM pg_catalog.pg_roles c \
-         WHERE pg_catalog.pg_has_role(session_user, c.oid, 'MEMBER')",
-        dangerous = names_in(DANGEROUS_ROLES),
+         WHERE pg_catalog.pg_has_role({who}, c.oid, 'MEMBER')",
+        dangerous = names_in(&name_array(DANGEROUS_ROLES)),
         alter_system = parameters("ALTER SYSTEM"),
         set = parameters("SET"),
         protected = names_in(protected),
@@ -196,7 +228,7 @@ fn query(major: u32, protected: &[&str]) -> String {
 
 /// Of the parameters in `granted` (comma-separated, from `pg_parameter_acl`), those a
 /// non-superuser may not normally set: not in `pg_settings` as `user` context.
-fn superuser_parameters_query(granted: &str) -> String {
+pub(crate) fn superuser_parameters_query(granted: &str) -> String {
     let items: Vec<String> = granted.split(',').map(literal).collect();
     format!(
         "SELECT pg_catalog.string_agg(n, ',') \
@@ -207,12 +239,24 @@ fn superuser_parameters_query(granted: &str) -> String {
     )
 }
 
-async fn ask(session: &mut UpstreamSession, sql: &str) -> Result<Vec<Option<Bytes>>, String> {
+pub(crate) async fn ask(
+    session: &mut UpstreamSession,
+    sql: &str,
+) -> Result<Vec<Option<Bytes>>, String> {
     let mut out = BytesMut::new();
     codec::put_query(&mut out, sql);
+    ask_with(session, &out).await
+}
+
+/// Sends `out` (a simple Query, or Parse/Bind/Execute/Sync) and reads the one row it answers
+/// up to ReadyForQuery.
+pub(crate) async fn ask_with(
+    session: &mut UpstreamSession,
+    out: &[u8],
+) -> Result<Vec<Option<Bytes>>, String> {
     session
         .stream
-        .write_all(&out)
+        .write_all(out)
         .await
         .map_err(|e| e.to_string())?;
     let mut buf = BytesMut::with_capacity(512);
@@ -221,7 +265,8 @@ async fn ask(session: &mut UpstreamSession, sql: &str) -> Result<Vec<Option<Byte
     loop {
         let msg = next_message(session, &mut buf).await?;
         match msg.tag {
-            b'T' | b'C' => {}
+            // RowDescription, CommandComplete, ParseComplete, BindComplete.
+            b'T' | b'C' | b'1' | b'2' => {}
             b'D' if row.is_none() => {
                 row = Some(codec::parse_data_row(&msg.body).map_err(|e| e.to_string())?)
             }
@@ -286,7 +331,7 @@ async fn next_message(
 }
 
 /// Reads the one row the query returns.
-fn judge(row: &[Option<Bytes>], major: u32) -> Result<Report, String> {
+pub(crate) fn judge(row: &[Option<Bytes>], major: u32) -> Result<Report, String> {
     const COLUMNS: usize = 12;
     if row.len() != COLUMNS {
         return Err(format!("{} columns, expected {COLUMNS}", row.len()));
@@ -355,7 +400,7 @@ fn judge(row: &[Option<Bytes>], major: u32) -> Result<Report, String> {
 }
 
 /// Reads the answer of [`superuser_parameters_query`]: the names, or None.
-fn judge_parameters(row: &[Option<Bytes>]) -> Result<Option<String>, String> {
+pub(crate) fn judge_parameters(row: &[Option<Bytes>]) -> Result<Option<String>, String> {
     match row {
         [value] => value
             .as_deref()

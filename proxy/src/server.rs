@@ -159,7 +159,13 @@ pub async fn prepare(config: Config) -> Result<Sidecar, StartError> {
         &settings.trust_domain,
         std::time::SystemTime::now(),
     )?;
+    let check_pool = settings
+        .upstream
+        .check_role
+        .clone()
+        .map(crate::privilege_pool::CheckPool::new);
     let sidecar = Sidecar {
+        check_pool,
         cancels: CancelRegistry::new(settings.limits.cancels_per_second),
         startup_slots: StartupSlots::new(settings.limits.max_startups_per_source),
         handshake_slots: StartupSlots::bounded(

@@ -336,8 +336,16 @@ async fn admit(
     let places = hold_places(sidecar, &mut candidate)?;
     let decision =
         decide_and_step_up(sidecar, &mut candidate, tls, auth_time_left, &places).await?;
-    let mut session = login_upstream(sidecar, &mut candidate, &forwarded).await?;
-    check_privilege(sidecar, &mut candidate, &decision, &mut session).await?;
+    let protected = protected_roles(sidecar, &decision, &candidate.database);
+    let (user, database) = (candidate.user.clone(), candidate.database.clone());
+    // The side question runs while the session's own backend starts (see privilege_pool).
+    let (session, side_report) = tokio::join!(
+        login_upstream(sidecar, &mut candidate, &forwarded),
+        side_check(sidecar, &user, &database, &protected)
+    );
+    let mut session = session?;
+    let side = (protected.as_slice(), side_report);
+    check_privilege(sidecar, &mut candidate, &decision, side, &mut session).await?;
     record_allow(sidecar, &mut candidate, &mut session).await?;
     Ok((candidate, decision, places, session))
 }
@@ -589,6 +597,45 @@ async fn login_upstream(
     }
 }
 
+/// The roles `mfa(...)` rules protect in `database`, unless this session stepped up.
+fn protected_roles(sidecar: &Sidecar, decision: &Decision, database: &str) -> Vec<String> {
+    if decision.mfa_group.is_some() {
+        return Vec::new();
+    }
+    let roles = sidecar
+        .mfa_roles
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    roles
+        .roles_for(database)
+        .into_iter()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The privilege answer from a warm side connection, when `[upstream] check_role` is set and
+/// one can be had; None means ask the session's own backend.
+async fn side_check(
+    sidecar: &Sidecar,
+    user: &str,
+    database: &str,
+    protected: &[String],
+) -> Option<privilege::Report> {
+    let pool = sidecar.check_pool.as_ref()?;
+    let timeout = sidecar.settings.upstream.connect_timeout;
+    pool.check(&sidecar.upstream, timeout, user, database, protected)
+        .await
+}
+
+/// The session user PostgreSQL reports at login (`session_authorization`).
+fn logged_in_as(parameters: &[(String, String)]) -> Option<&str> {
+    parameters
+        .iter()
+        .find(|(name, _)| name == "session_authorization")
+        .map(|(_, value)| value.as_str())
+}
+
 /// What the session's login role can become, from the catalog (see [`privilege`]): a role
 /// named by an `as:` line may be anything, superuser included; any other superuser-equivalent
 /// role is refused; a session that did not step up must not be able to become a role MFA
@@ -598,20 +645,20 @@ async fn check_privilege(
     sidecar: &Sidecar,
     c: &mut Candidate,
     decision: &Decision,
+    (protected, side_report): (&[String], Option<privilege::Report>),
     session: &mut UpstreamSession,
 ) -> Result<(), Refusal> {
-    let roles = sidecar
-        .mfa_roles
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    let protected: Vec<&str> = if decision.mfa_group.is_some() {
-        Vec::new()
-    } else {
-        roles.roles_for(&c.database)
-    };
     let timeout = sidecar.settings.upstream.connect_timeout;
-    let verdict = match privilege::check(session, timeout, &protected).await {
+    // The side answer is about a name; it counts only if PostgreSQL logged this session in
+    // under exactly that name. Otherwise the session's own backend is asked.
+    let answer = match side_report {
+        Some(report) if logged_in_as(&session.parameters) == Some(c.user.as_str()) => Ok(report),
+        _ => {
+            let protected: Vec<&str> = protected.iter().map(String::as_str).collect();
+            privilege::check(session, timeout, &protected).await
+        }
+    };
+    let verdict = match answer {
         Err(why) => {
             let message = format!(
                 "role {:?} cannot be admitted: {why} (connection {})",

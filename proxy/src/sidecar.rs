@@ -32,6 +32,8 @@ pub struct Sidecar {
     pub config_watch: crate::reload::ConfigWatch,
     pub tls: ReloadingServerConfig,
     pub upstream: Upstream,
+    /// Warm side connections for the privilege question (`[upstream] check_role`).
+    pub check_pool: Option<crate::privilege_pool::CheckPool>,
     pub cancels: Arc<CancelRegistry>,
     pub audit: AuditLog,
     pub mfa: Option<Arc<Verifier>>,
