@@ -53,8 +53,10 @@ struct IssueArgs {
     #[arg(value_name = "SPIFFE_ID")]
     id: String,
     /// How long the certificate is valid, e.g. 1h, 30m, 90d. Never beyond the CA's own expiry.
-    #[arg(long, value_name = "DURATION", default_value = "1h")]
-    ttl: String,
+    /// Default: 1h for a workload's client certificate (short-lived, reissued often), 30d for a
+    /// server certificate (one with --dns or --ip), which a sidecar serves until it is rotated.
+    #[arg(long, value_name = "DURATION")]
+    ttl: Option<String>,
     /// A DNS name to add (makes it a server certificate too). Repeatable.
     #[arg(long = "dns", value_name = "NAME")]
     dns: Vec<String>,
@@ -70,7 +72,17 @@ struct IssueArgs {
     /// Writes PREFIX.pem (leaf then chain) and PREFIX.key (mode 0600).
     #[arg(long, value_name = "PREFIX")]
     out: PathBuf,
+    /// Replace an existing PREFIX.pem / PREFIX.key (a running service may still use them).
+    #[arg(long)]
+    force: bool,
 }
+
+/// Default lifetimes: a client SVID is reissued often; a server certificate is served by a
+/// sidecar until somebody rotates it, and one that lapses refuses every client.
+const CLIENT_TTL: &str = "1h";
+const SERVER_TTL: &str = "30d";
+/// A server certificate shorter than this gets a warning.
+const SHORT_SERVER_TTL: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 #[derive(Debug, clap::Args)]
 struct BundleArgs {
@@ -123,9 +135,36 @@ fn init(a: InitArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A second `ca issue` to the same prefix would silently replace a key a service may be using.
+fn refuse_overwrite(prefix: &Path, writes_key: bool, force: bool) -> anyhow::Result<()> {
+    if force {
+        return Ok(());
+    }
+    let mut exts = vec![".pem"];
+    if writes_key {
+        exts.push(".key");
+    }
+    for ext in exts {
+        let mut path = std::ffi::OsString::from(prefix.as_os_str());
+        path.push(ext);
+        let path = PathBuf::from(path);
+        if path.symlink_metadata().is_ok() {
+            anyhow::bail!(
+                "{} already exists; pass --force to replace it (a service may still be using it)",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn issue(a: IssueArgs) -> anyhow::Result<()> {
     let id = SpiffeId::parse(&a.id).with_context(|| format!("SPIFFE ID {:?}", a.id))?;
-    let ttl = eastwall_ca::parse_duration(&a.ttl).context("--ttl")?;
+    let server = !a.dns.is_empty() || !a.ip.is_empty();
+    let default_ttl = if server { SERVER_TTL } else { CLIENT_TTL };
+    let ttl_text = a.ttl.as_deref().unwrap_or(default_ttl);
+    let ttl = eastwall_ca::parse_duration(ttl_text).context("--ttl")?;
+    refuse_overwrite(&a.out, a.csr.is_none(), a.force)?;
     let ips =
         a.ip.iter()
             .map(|s| {
@@ -148,6 +187,11 @@ fn issue(a: IssueArgs) -> anyhow::Result<()> {
         None => ca.issue(&req)?,
     };
     let (cert, key) = issued.write(&a.out)?;
+    if server && ttl < SHORT_SERVER_TTL {
+        eprintln!(
+            "warning: this server certificate is valid for only {ttl_text}; a sidecar serving it refuses every client once it lapses, so issue the next one before then (the sidecar reloads its certificate files without a restart)"
+        );
+    }
     let mut written = cert.display().to_string();
     if let Some(key) = key {
         written.push_str(&format!(", {} (0600)", key.display()));

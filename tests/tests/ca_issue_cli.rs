@@ -1,0 +1,190 @@
+//! `eastwall ca issue` as a DBA runs it by hand: a server certificate gets a lifetime a sidecar
+//! can live with, a short one is warned about, and an existing key is never silently replaced.
+
+use std::process::{Command, Output};
+
+use eastwall_e2e::eastwall_bin;
+
+fn eastwall(args: &[&str]) -> Output {
+    Command::new(eastwall_bin().expect("eastwall builds"))
+        .args(args)
+        .output()
+        .expect("eastwall runs")
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The `valid until` date `ca issue` printed, as seconds from now.
+fn lifetime_secs(stdout: &str) -> i64 {
+    // "… valid until 2026-12-02T22:00:00Z: billing.pem, …"
+    let at = stdout
+        .split("valid until ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(|word| word.trim_end_matches(':'))
+        .unwrap_or_default();
+    let until = chrono_free_parse(at).unwrap_or_else(|| panic!("no date in {stdout:?}"));
+    until - now_secs()
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// `2026-12-02T21:00:00Z` -> Unix seconds (days-from-civil; no date crate needed for a test).
+fn chrono_free_parse(s: &str) -> Option<i64> {
+    let s = s.trim();
+    let (date, time) = s.split_once('T')?;
+    let mut d = date.split('-').map(|v| v.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let mut t = time
+        .trim_end_matches('Z')
+        .split(':')
+        .map(|v| v.parse::<i64>().ok());
+    let (h, min, sec) = (t.next()??, t.next()??, t.next()??);
+    let (y, m) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + h * 3600 + min * 60 + sec)
+}
+
+#[test]
+fn server_certificates_default_to_30_days_clients_to_an_hour() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let ca = ca.to_str().unwrap();
+    let (out, err) = text(&eastwall(&[
+        "ca",
+        "init",
+        "--dir",
+        ca,
+        "--trust-domain",
+        "corp.example",
+    ]));
+    assert!(out.contains("created CA"), "{out}{err}");
+
+    let server = dir.path().join("proxy");
+    let run = eastwall(&[
+        "ca",
+        "issue",
+        "--dir",
+        ca,
+        "spiffe://corp.example/db/postgres",
+        "--dns",
+        "localhost",
+        "--out",
+        server.to_str().unwrap(),
+    ]);
+    let (out, err) = text(&run);
+    assert!(run.status.success(), "{out}{err}");
+    let days = lifetime_secs(&out) as f64 / 86_400.0;
+    assert!(
+        (29.9..=30.1).contains(&days),
+        "server lifetime {days} days: {out}"
+    );
+    assert!(!err.contains("warning"), "{err}");
+
+    let client = dir.path().join("billing");
+    let (out, _) = text(&eastwall(&[
+        "ca",
+        "issue",
+        "--dir",
+        ca,
+        "spiffe://corp.example/app/billing",
+        "--out",
+        client.to_str().unwrap(),
+    ]));
+    let secs = lifetime_secs(&out);
+    assert!(
+        (3500..=3700).contains(&secs),
+        "client lifetime {secs} s: {out}"
+    );
+
+    // A short server certificate is issued, with a warning that says what happens.
+    let short = dir.path().join("short");
+    let run = eastwall(&[
+        "ca",
+        "issue",
+        "--dir",
+        ca,
+        "spiffe://corp.example/db/postgres",
+        "--ip",
+        "127.0.0.1",
+        "--ttl",
+        "1h",
+        "--out",
+        short.to_str().unwrap(),
+    ]);
+    let (out, err) = text(&run);
+    assert!(run.status.success(), "{out}{err}");
+    assert!(
+        err.contains("warning: this server certificate is valid for only 1h"),
+        "{err}"
+    );
+    assert!(err.contains("refuses every client"), "{err}");
+}
+
+#[test]
+fn an_existing_certificate_or_key_is_replaced_only_with_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let ca = ca.to_str().unwrap();
+    assert!(
+        eastwall(&["ca", "init", "--dir", ca, "--trust-domain", "corp.example"])
+            .status
+            .success()
+    );
+    let prefix = dir.path().join("billing");
+    let prefix = prefix.to_str().unwrap();
+    let issue = |extra: &[&str]| {
+        let mut args = vec![
+            "ca",
+            "issue",
+            "--dir",
+            ca,
+            "spiffe://corp.example/app/billing",
+            "--out",
+            prefix,
+        ];
+        args.extend_from_slice(extra);
+        eastwall(&args)
+    };
+    assert!(issue(&[]).status.success());
+    let key_before = std::fs::read(format!("{prefix}.key")).unwrap();
+
+    let again = issue(&[]);
+    let (out, err) = text(&again);
+    assert!(!again.status.success(), "replaced without --force: {out}");
+    assert!(
+        err.contains("billing.pem already exists; pass --force"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(format!("{prefix}.key")).unwrap(),
+        key_before,
+        "key touched"
+    );
+
+    // Only the key left behind (say, the .pem was moved): still refused.
+    std::fs::remove_file(format!("{prefix}.pem")).unwrap();
+    let (_, err) = text(&issue(&[]));
+    assert!(
+        err.contains("billing.key already exists; pass --force"),
+        "{err}"
+    );
+
+    let forced = issue(&["--force"]);
+    assert!(forced.status.success(), "{:?}", text(&forced));
+    assert_ne!(std::fs::read(format!("{prefix}.key")).unwrap(), key_before);
+}
