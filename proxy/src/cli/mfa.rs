@@ -63,7 +63,8 @@ enum Command {
     /// Fetch a step-up token from a running sidecar and print only the token, for
     /// `export PGPASSWORD=$(eastwall mfa login ...)`.
     Login {
-        /// The step-up endpoint, e.g. https://db.internal:8443/v1/stepup.
+        /// The step-up endpoint, e.g. https://db.internal:8443/v1/stepup (a bare
+        /// https://db.internal:8443 means the same).
         #[arg(long, value_name = "URL")]
         url: String,
         /// Your certificate (PEM, leaf first).
@@ -202,15 +203,17 @@ fn login(
     let tls = client_tls(cert, key, ca)?;
     let code = match code {
         Some(code) => code,
-        None => rpassword::prompt_password("MFA code: ").context("reading the code")?,
+        None => rpassword::prompt_password("MFA code: ")
+            .map_err(|_| anyhow!("no terminal to prompt for the MFA code on; pass --code CODE"))?,
     };
+    let url = stepup_url(url);
     let code = code.trim().to_owned();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     let answer = runtime.block_on(stepup::fetch_token(
-        url,
+        &url,
         Arc::new(tls),
         &code,
         LOGIN_TIMEOUT,
@@ -220,6 +223,18 @@ fn login(
         eprintln!("eastwall: step-up token valid until {}", answer.expires_at);
     }
     Ok(())
+}
+
+/// The step-up endpoint for `url`: a bare base URL (`https://db.internal:8443`, with or
+/// without a trailing slash) means its `/v1/stepup`; any other path is taken as given.
+fn stepup_url(url: &str) -> String {
+    let trimmed = url.trim();
+    let after_scheme = trimmed.find("://").map_or(0, |i| i + 3);
+    match trimmed[after_scheme..].find('/') {
+        None => format!("{trimmed}/v1/stepup"),
+        Some(i) if trimmed[after_scheme + i..] == *"/" => format!("{trimmed}v1/stepup"),
+        Some(_) => trimmed.to_owned(),
+    }
 }
 
 fn read_certs(path: &Path) -> anyhow::Result<Vec<rustls_pki_types::CertificateDer<'static>>> {
@@ -262,4 +277,32 @@ fn client_tls(cert: &Path, key: &Path, ca: &Path) -> anyhow::Result<rustls::Clie
                 key.display()
             )
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stepup_url;
+
+    #[test]
+    fn a_base_url_means_its_stepup_endpoint() {
+        for base in [
+            "https://db.internal:8443",
+            "https://db.internal:8443/",
+            " https://db.internal:8443 ",
+        ] {
+            assert_eq!(
+                stepup_url(base),
+                "https://db.internal:8443/v1/stepup",
+                "{base:?}"
+            );
+        }
+        assert_eq!(
+            stepup_url("https://db.internal:8443/v1/stepup"),
+            "https://db.internal:8443/v1/stepup"
+        );
+        assert_eq!(
+            stepup_url("https://gw/custom/path"),
+            "https://gw/custom/path"
+        );
+    }
 }

@@ -1,5 +1,6 @@
-//! `eastwall ca issue` as a DBA runs it by hand: a server certificate gets a lifetime a sidecar
-//! can live with, a short one is warned about, and an existing key is never silently replaced.
+//! The command line as a DBA runs it by hand: `ca issue` gives a server certificate a lifetime
+//! a sidecar can live with, warns about a short one and never silently replaces a key; `mfa
+//! login` with no terminal says what to do instead of printing an OS error.
 
 use std::process::{Command, Output};
 
@@ -187,4 +188,57 @@ fn an_existing_certificate_or_key_is_replaced_only_with_force() {
     let forced = issue(&["--force"]);
     assert!(forced.status.success(), "{:?}", text(&forced));
     assert_ne!(std::fs::read(format!("{prefix}.key")).unwrap(), key_before);
+}
+
+#[test]
+fn mfa_login_without_a_terminal_says_to_pass_the_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let ca = ca.to_str().unwrap();
+    assert!(
+        eastwall(&["ca", "init", "--dir", ca, "--trust-domain", "corp.example"])
+            .status
+            .success()
+    );
+    let alice = dir.path().join("alice");
+    let alice = alice.to_str().unwrap();
+    assert!(eastwall(&[
+        "ca",
+        "issue",
+        "--dir",
+        ca,
+        "spiffe://corp.example/app/operators/alice",
+        "--out",
+        alice
+    ])
+    .status
+    .success());
+    // setsid: a new session has no controlling terminal, as under cron or a CI runner.
+    let out = Command::new("setsid")
+        .arg("-w")
+        .arg(eastwall_bin().expect("eastwall builds"))
+        .args([
+            "mfa",
+            "login",
+            "--url",
+            "https://127.0.0.1:9",
+            "--ca",
+            &format!("{ca}/ca.pem"),
+        ])
+        .args([
+            "--cert",
+            &format!("{alice}.pem"),
+            "--key",
+            &format!("{alice}.key"),
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("setsid runs");
+    let (_, err) = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("no terminal to prompt for the MFA code on; pass --code CODE"),
+        "{err}"
+    );
+    assert!(!err.contains("os error"), "{err}");
 }
