@@ -242,3 +242,35 @@ fn mfa_login_without_a_terminal_says_to_pass_the_code() {
     );
     assert!(!err.contains("os error"), "{err}");
 }
+
+#[test]
+fn policy_explain_can_exit_with_the_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let qs = dir.path().join("qs");
+    let qs = qs.to_str().unwrap();
+    let made = eastwall(&["quickstart", "--dir", qs, "--upstream", "127.0.0.1:5433"]);
+    assert!(made.status.success(), "{:?}", text(&made));
+    let config = format!("{qs}/eastwall.toml");
+    let explain = |id: &str, extra: &[&str]| {
+        let mut args = vec!["policy", "explain", "--config", &config, "--id", id];
+        args.extend_from_slice(extra);
+        eastwall(&args)
+    };
+    let laptop = "spiffe://corp.example/workstations/finance-laptop-7";
+    // Without the flag, a deny is still a successful explanation.
+    let plain = explain(laptop, &[]);
+    assert_eq!(plain.status.code(), Some(0));
+    assert!(text(&plain).0.contains("decision: deny"));
+    for (id, code, verdict) in [
+        ("spiffe://corp.example/app/billing", 0, "allow"),
+        (laptop, 3, "deny"),
+        ("spiffe://corp.example/app/operators/alice", 4, "challenge"),
+    ] {
+        let out = explain(id, &["--exit-code"]);
+        assert_eq!(out.status.code(), Some(code), "{id}: {:?}", text(&out));
+        assert!(
+            text(&out).0.contains(&format!("decision: {verdict}")),
+            "{id}"
+        );
+    }
+}

@@ -48,6 +48,9 @@ enum Command {
         /// Target port in policy terms [default: service_port].
         #[arg(long, value_name = "PORT")]
         port: Option<u16>,
+        /// Exit with the decision, for scripts and CI: 0 allow, 3 deny, 4 challenge (MFA).
+        #[arg(long)]
+        exit_code: bool,
     },
 }
 
@@ -63,6 +66,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             mfa,
             segment,
             port,
+            exit_code,
         } => {
             let config = load(&config)?;
             let id = SpiffeId::parse(&id).with_context(|| format!("--id {id:?}"))?;
@@ -92,11 +96,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 outln!("mfa group: {group}");
             }
             if decision.role_named_by_rule {
-                outln!("role named by rule: yes (a superuser role would be admitted)");
+                outln!("role named by rule: yes (the rule names this role, so it is admitted even if it is superuser-equivalent)");
             }
             outln!("trace:");
             for line in trace {
                 outln!("  {line}");
+            }
+            if exit_code {
+                let code = match decision.verdict {
+                    eastwall_config::Verdict::Allow => 0,
+                    eastwall_config::Verdict::Deny => 3,
+                    eastwall_config::Verdict::Challenge => 4,
+                };
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+                std::process::exit(code);
             }
             Ok(())
         }
