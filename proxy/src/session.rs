@@ -526,7 +526,12 @@ async fn decide_and_step_up(
             }
             StepUp::Outcome(MfaOutcome::Rejected { reason }) => {
                 c.entry.event = "mfa_failure";
-                let message = format!("MFA code rejected for {id_text} (connection {conn_id})");
+                // A replay is not a typo: the operator should wait for the next code.
+                let message = if reason == "replayed_code" {
+                    format!("MFA code already used for {id_text}; wait for the next code (connection {conn_id})")
+                } else {
+                    format!("MFA code rejected for {id_text} (connection {conn_id})")
+                };
                 return Err(c.deny(&format!("mfa_{reason}"), "28P01", message));
             }
             StepUp::Outcome(MfaOutcome::LockedOut { first }) => {

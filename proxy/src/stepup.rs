@@ -335,6 +335,11 @@ async fn respond(
             "locked_out",
             Some("too many failed MFA attempts; wait and try again".to_owned()),
         ),
+        (outcome, _) if outcome.reason() == "replayed_code" => error(
+            StatusCode::UNAUTHORIZED,
+            "replayed_code",
+            Some("this code was already used; wait for the next code".to_owned()),
+        ),
         (outcome, _) => error(StatusCode::UNAUTHORIZED, outcome.reason(), None),
     }
 }

@@ -29,7 +29,9 @@ async fn a_code_admits_once_and_replayed_or_wrong_codes_get_28p01() -> anyhow::R
     let out = psql(&conninfo, "select current_user", Some(&code)).await?;
     assert!(!out.status.success(), "replay admitted: {}", stdout(&out));
     assert!(
-        stderr(&out).contains("MFA code rejected for spiffe://corp.example/app/operators/alice"),
+        stderr(&out).contains(
+            "MFA code already used for spiffe://corp.example/app/operators/alice; wait for the next code"
+        ),
         "{}",
         stderr(&out)
     );
@@ -40,6 +42,12 @@ async fn a_code_admits_once_and_replayed_or_wrong_codes_get_28p01() -> anyhow::R
         "a wrong code is refused",
     )?;
     assert_eq!(sqlstate(&err), Some("28P01"), "{err}");
+    // A wrong code keeps the plain message: only a replay says to wait.
+    let text = err
+        .as_db_error()
+        .map(|e| e.message().to_owned())
+        .unwrap_or_default();
+    assert!(text.starts_with("MFA code rejected for"), "{text}");
 
     d.wait_for_decision(|l| l["reason"] == "mfa_wrong_code")
         .await?;
