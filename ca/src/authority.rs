@@ -145,10 +145,18 @@ impl Ca {
         let mut params = CertificateParams::default();
         params.not_before = sub(now, BACKDATE);
         params.not_after = add(now, ttl, "the CA lifetime")?;
-        params.serial_number = Some(random_serial().0);
+        let (serial, serial_hex) = random_serial();
+        params.serial_number = Some(serial);
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Eastwall");
-        dn.push(DnType::CommonName, format!("Eastwall CA {trust_domain}"));
+        // Unique per CA: with one subject for every CA of a trust domain, a certificate from a
+        // foreign CA looked issued by ours and failed as a bad signature (`decrypt error`)
+        // rather than `unknown ca`, and two roots in one bundle (a rollover) could not be told
+        // apart by name.
+        dn.push(
+            DnType::CommonName,
+            format!("Eastwall CA {trust_domain} {}", &serial_hex[..8]),
+        );
         params.distinguished_name = dn;
         // X509-SVID §4.1: a signing certificate may carry the trust domain's own ID.
         let uri = rcgen::string::Ia5String::try_from(trust_domain.id_uri())

@@ -393,3 +393,26 @@ fn written_key_is_0600_and_cert_holds_the_chain() {
         "Debug hides the key"
     );
 }
+
+#[test]
+fn two_cas_of_one_trust_domain_have_different_subjects() {
+    let subject = || {
+        let dir = tempfile::tempdir().unwrap();
+        let td = eastwall_ca::TrustDomain::parse("corp.example").unwrap();
+        let ca = Ca::init(
+            dir.path(),
+            &td,
+            std::time::Duration::from_secs(86_400),
+            false,
+        )
+        .unwrap();
+        let ders = pem_certs(ca.bundle_pem());
+        parse(&ders[0]).subject().to_string()
+    };
+    let (a, b) = (subject(), subject());
+    assert!(a.contains("Eastwall CA corp.example "), "{a}");
+    assert_ne!(
+        a, b,
+        "a foreign CA's certificates must not look issued by ours"
+    );
+}
