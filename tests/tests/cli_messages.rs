@@ -274,3 +274,72 @@ fn policy_explain_can_exit_with_the_decision() {
         );
     }
 }
+
+#[test]
+fn ca_list_shows_what_was_issued_and_when_it_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let ca = ca.to_str().unwrap();
+    assert!(
+        eastwall(&["ca", "init", "--dir", ca, "--trust-domain", "corp.example"])
+            .status
+            .success()
+    );
+    let (out, _) = text(&eastwall(&["ca", "list", "--dir", ca]));
+    assert!(
+        out.contains("no valid certificates (0 issued in all)"),
+        "{out}"
+    );
+    let out_of = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let issued = text(&eastwall(&[
+        "ca",
+        "issue",
+        "--dir",
+        ca,
+        "spiffe://corp.example/app/billing",
+        "--out",
+        &out_of("billing"),
+    ]))
+    .0;
+    let serial = issued.split_whitespace().nth(2).unwrap().to_owned();
+    assert!(eastwall(&[
+        "ca",
+        "issue",
+        "--dir",
+        ca,
+        "spiffe://corp.example/db/postgres",
+        "--dns",
+        "localhost",
+        "--out",
+        &out_of("proxy"),
+    ])
+    .status
+    .success());
+    let (out, _) = text(&eastwall(&["ca", "list", "--dir", ca]));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[0].starts_with(&serial), "{out}");
+    assert!(
+        lines[0].contains("spiffe://corp.example/app/billing  client  until "),
+        "{out}"
+    );
+    assert!(lines[0].contains("left)  valid"), "{out}");
+    assert!(
+        lines[1].contains("spiffe://corp.example/db/postgres  server")
+            && lines[1].contains("(29d 23h left)"),
+        "{out}"
+    );
+
+    // Revoked: gone from the default list, shown with --all.
+    assert!(eastwall(&["ca", "revoke", "--dir", ca, &serial])
+        .status
+        .success());
+    let (out, _) = text(&eastwall(&["ca", "list", "--dir", ca]));
+    assert!(!out.contains("app/billing"), "{out}");
+    let (out, _) = text(&eastwall(&["ca", "list", "--dir", ca, "--all"]));
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(&serial) && l.ends_with("revoked")),
+        "{out}"
+    );
+}

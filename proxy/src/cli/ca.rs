@@ -26,6 +26,18 @@ enum Command {
     Revoke(RevokeArgs),
     /// Re-sign the CRL with a fresh nextUpdate (7 days); run it at least weekly, e.g. from cron.
     Crl(CrlArgs),
+    /// List the certificates this CA issued: serial, identity, expiry, state (newest last).
+    List(ListArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ListArgs {
+    /// The CA folder.
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// Also list expired and revoked certificates.
+    #[arg(long)]
+    all: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -118,6 +130,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Command::Bundle(a) => bundle(a),
         Command::Revoke(a) => revoke(a),
         Command::Crl(a) => crl(a),
+        Command::List(a) => list(a),
     }
 }
 
@@ -257,6 +270,62 @@ fn crl(a: CrlArgs) -> anyhow::Result<()> {
         rfc3339(next_update)
     );
     Ok(())
+}
+
+fn list(a: ListArgs) -> anyhow::Result<()> {
+    let ca = Ca::open(&a.dir)?;
+    let now = time::OffsetDateTime::now_utc();
+    let mut shown = 0usize;
+    let records = ca.records()?;
+    for rec in &records {
+        let state = if rec.revoked {
+            "revoked"
+        } else if rec.not_after <= now {
+            "expired"
+        } else {
+            "valid"
+        };
+        if !a.all && state != "valid" {
+            continue;
+        }
+        let left = rec.not_after - now;
+        let remaining = if state == "valid" {
+            format!(" ({} left)", short_duration(left.whole_seconds()))
+        } else {
+            String::new()
+        };
+        let server = if rec.dns.is_empty() && rec.ips.is_empty() {
+            "client"
+        } else {
+            "server"
+        };
+        outln!(
+            "{}  {}  {server}  until {}{remaining}  {state}",
+            rec.serial,
+            rec.spiffe_id,
+            rfc3339(rec.not_after)
+        );
+        shown += 1;
+    }
+    if shown == 0 {
+        outln!(
+            "no {}certificates ({} issued in all)",
+            if a.all { "" } else { "valid " },
+            records.len()
+        );
+    }
+    Ok(())
+}
+
+/// `3d 4h`, `5h 2m`, `40s`: how long is left, to the unit that matters.
+fn short_duration(secs: i64) -> String {
+    let (d, h, m) = (secs / 86_400, secs % 86_400 / 3600, secs % 3600 / 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{secs}s"),
+        (0, 0, m) => format!("{m}m"),
+        (0, h, m) => format!("{h}h {m}m"),
+        (d, h, _) => format!("{d}d {h}h"),
+    }
 }
 
 fn rfc3339(t: time::OffsetDateTime) -> String {
