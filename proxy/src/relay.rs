@@ -279,6 +279,11 @@ struct Pump<'a> {
     live: Option<&'a AtomicU64>,
 }
 
+/// Whether the client's Terminate went by (the client ended the session, whatever follows).
+fn said_terminate(up: &Pump<'_>) -> bool {
+    up.boundaries.as_ref().is_some_and(|b| b.terminated)
+}
+
 /// Which side an I/O error came from.
 enum Side {
     Read(io::Error),
@@ -537,8 +542,14 @@ where
         if !up.done {
             match up.poll_pump(cx, client, server) {
                 Poll::Ready(Ok(())) | Poll::Pending => {}
+                // After its Terminate, a client that drops the socket without a TLS
+                // close_notify (or resets it) has still ended the session by its own word.
                 Poll::Ready(Err(Side::Read(e))) => {
-                    return Poll::Ready(Step::Over(RelayEnd::ClientError(e)))
+                    return Poll::Ready(Step::Over(if said_terminate(&up) {
+                        RelayEnd::ClientClosed
+                    } else {
+                        RelayEnd::ClientError(e)
+                    }))
                 }
                 Poll::Ready(Err(Side::Write(e))) => {
                     return Poll::Ready(Step::Over(RelayEnd::ServerError(e)))
@@ -548,15 +559,17 @@ where
         match down.poll_pump(cx, server, client) {
             // The server closed: after the client's Terminate (psql's Terminate and its TLS
             // close arrive separately) or EOF that is the client's doing.
-            Poll::Ready(Ok(())) => Poll::Ready(Step::Over(
-                if up.done || up.boundaries.as_ref().is_some_and(|b| b.terminated) {
-                    RelayEnd::ClientClosed
-                } else {
-                    RelayEnd::ServerClosed
-                },
-            )),
+            Poll::Ready(Ok(())) => Poll::Ready(Step::Over(if up.done || said_terminate(&up) {
+                RelayEnd::ClientClosed
+            } else {
+                RelayEnd::ServerClosed
+            })),
             Poll::Ready(Err(Side::Read(e))) => Poll::Ready(Step::Over(RelayEnd::ServerError(e))),
-            Poll::Ready(Err(Side::Write(e))) => Poll::Ready(Step::Over(RelayEnd::ClientError(e))),
+            Poll::Ready(Err(Side::Write(e))) => Poll::Ready(Step::Over(if said_terminate(&up) {
+                RelayEnd::ClientClosed
+            } else {
+                RelayEnd::ClientError(e)
+            })),
             Poll::Pending => Poll::Pending,
         }
     })
