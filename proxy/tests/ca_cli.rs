@@ -379,7 +379,7 @@ fn revoke_by_serial_and_by_id_and_unknown_targets() {
         s(&dir),
         "spiffe://corp.example/app/b",
         "--out",
-        s(&out),
+        s(&tmp.path().join("b")),
     ]));
     let o = eastwall(&[
         "ca",
