@@ -5,12 +5,14 @@
 //! - [`policy`]: the policy language (grammar and meaning documented there), compiled at load.
 //! - [`pattern`]: SPIFFE ID patterns (`*` one segment, `**` one or more) behind segments and groups.
 //! - [`decision`]: [`authorize`] and [`explain`], pure evaluation of one request.
+//! - [`detect`]: `[detect]`, the inline detectors' switch, state file, automatic locks, tuning.
 //! - [`mfa_roles`]: roles an `mfa(..)` rule protects from every other identity.
 //! - [`secret`]: where the upstream password comes from, and a value that never prints.
 //! - [`error`]: [`ConfigError`], whose messages name file, line and key.
 #![forbid(unsafe_code)]
 
 pub mod decision;
+pub mod detect;
 pub mod error;
 pub mod mfa_roles;
 pub mod pattern;
@@ -19,6 +21,7 @@ pub mod secret;
 pub mod settings;
 
 pub use decision::{authorize, explain, Decision, Request, Verdict};
+pub use detect::DetectSettings;
 pub use error::ConfigError;
 pub use mfa_roles::{MfaRoles, Protection};
 pub use pattern::{IdPattern, PatternError};

@@ -54,6 +54,16 @@
 //!
 //! [audit]
 //! path = "decisions.log"          # default "decisions.log": the hash-chained decision log
+//! ocsf = "decisions.ocsf.jsonl"   # optional: the same decisions as OCSF 1.3 events, for a SIEM
+//!
+//! [detect]                        # the seed's five signals, inline; every key has a default
+//! enabled = true                  # default true: signals are `event: "signal"` lines + a metric
+//! state_file = "decisions.log.detect.json"  # default <audit.path>.detect.json
+//! lock_on = []                    # default none: signals that place an automatic lock on their
+//!                                 # subject, e.g. ["credential_anomaly", "fan_out"]
+//! lock_ttl = "1h"                 # default 1h: how long such a lock holds
+//! learning = "7d"                 # the detectors' own keys: see eastwall_detect::Settings
+//! change_window = "Mon-Fri 08:00-19:00"
 //!
 //! [locks]
 //! file = "locks.json"             # default "locks.json": `eastwall lock` writes it, the sidecar
@@ -93,6 +103,7 @@ use eastwall_ca::spiffe::TrustDomain;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::detect::DetectSettings;
 use crate::error::ConfigError;
 use crate::pattern::IdPattern;
 use crate::policy::Policy;
@@ -144,6 +155,8 @@ pub struct Settings {
     pub admin: AdminSettings,
     /// `[locks] file`: the lock store, resolved.
     pub locks_file: PathBuf,
+    /// `[detect]`: the detectors run inline, see [`crate::detect`].
+    pub detect: DetectSettings,
     pub segments: BTreeMap<String, Vec<String>>,
     pub groups: BTreeMap<String, Vec<String>>,
     /// The policy file, resolved.
@@ -206,6 +219,9 @@ pub struct MfaSettings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditSettings {
     pub path: PathBuf,
+    /// `ocsf`: a second, derived file of the same decisions as OCSF 1.3 events (JSON
+    /// lines) for a SIEM; None when absent. The chained log stays the record.
+    pub ocsf: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -275,6 +291,8 @@ struct RawFile {
     limits: Option<RawLimits>,
     admin: Option<RawAdmin>,
     locks: Option<RawLocks>,
+    /// Read key by key in `crate::detect`: most of it is the detectors' own settings.
+    detect: Option<Spanned<toml::Table>>,
 }
 
 #[derive(Deserialize)]
@@ -341,6 +359,7 @@ struct RawMfa {
 #[serde(deny_unknown_fields)]
 struct RawAudit {
     path: Option<Str>,
+    ocsf: Option<Str>,
 }
 
 #[derive(Deserialize)]
@@ -383,7 +402,7 @@ pub(crate) fn line_col(text: &str, offset: usize) -> (u32, u32) {
     )
 }
 
-struct Checker<'a> {
+pub(crate) struct Checker<'a> {
     file: &'a Path,
     text: &'a str,
     dir: PathBuf,
@@ -391,7 +410,7 @@ struct Checker<'a> {
 }
 
 impl Checker<'_> {
-    fn invalid(&mut self, span: Range<usize>, key: &str, message: impl Into<String>) {
+    pub(crate) fn invalid(&mut self, span: Range<usize>, key: &str, message: impl Into<String>) {
         let (line, col) = line_col(self.text, span.start);
         self.problems.push(ConfigError::Invalid {
             file: self.file.to_path_buf(),
@@ -400,6 +419,11 @@ impl Checker<'_> {
             key: key.to_owned(),
             message: message.into(),
         });
+    }
+
+    /// A path as written in the file, resolved against the config's folder.
+    pub(crate) fn resolve(&self, value: &str) -> PathBuf {
+        self.dir.join(value)
     }
 
     fn path(&mut self, key: &str, value: &Str) -> PathBuf {
@@ -692,13 +716,31 @@ impl Settings {
                 Duration::from_secs(900),
             ),
         };
+        let audit_path = c.path_or(
+            "audit.path",
+            raw.audit.as_ref().and_then(|a| a.path.as_ref()),
+            "decisions.log",
+        );
+        let ocsf = raw
+            .audit
+            .as_ref()
+            .and_then(|a| a.ocsf.as_ref())
+            .map(|v| {
+                let p = c.path("audit.ocsf", v);
+                if p == audit_path {
+                    c.invalid(
+                        v.span(),
+                        "audit.ocsf",
+                        "must not be the decision log itself; name a file of its own, e.g. \"decisions.ocsf.jsonl\"",
+                    );
+                }
+                p
+            });
         let audit = AuditSettings {
-            path: c.path_or(
-                "audit.path",
-                raw.audit.as_ref().and_then(|a| a.path.as_ref()),
-                "decisions.log",
-            ),
+            path: audit_path,
+            ocsf,
         };
+        let detect = crate::detect::check_detect(&mut c, raw.detect.as_ref(), &audit.path);
         let l = raw.limits.as_ref();
         let startup_timeout = c.duration(
             "limits.startup_timeout",
@@ -776,6 +818,7 @@ impl Settings {
                     limits,
                     admin,
                     locks_file,
+                    detect,
                     segments,
                     groups,
                     policy_file,

@@ -429,3 +429,63 @@ fn check_role_must_be_a_name_postgresql_keeps_as_written() {
     let lines = refused(&with_upstream(&format!("{base}\ncheck_role = 7")));
     has(&lines, "expected a string");
 }
+
+#[test]
+fn detection_is_on_by_default_with_its_state_beside_the_log_and_no_automatic_locks() {
+    let s = settings(MINIMAL).unwrap();
+    assert!(s.detect.enabled);
+    assert_eq!(
+        s.detect.state_file,
+        PathBuf::from("/etc/eastwall/decisions.log.detect.json")
+    );
+    assert!(s.detect.lock_on.is_empty(), "lock_on is off by default");
+    assert_eq!(s.detect.lock_ttl, Duration::from_secs(3600));
+    assert_eq!(s.detect.tuning, eastwall_detect::Settings::default());
+    assert_eq!(s.audit.ocsf, None);
+
+    let s = settings(&format!(
+        "{MINIMAL}\n[audit]\nocsf = \"out.ocsf\"\n[detect]\nenabled = false\nstate_file = \"st.json\"\nlock_on = [\"fan_out\", \"credential_anomaly\", \"fan_out\"]\nlock_ttl = \"30m\"\nlearning = \"14d\"\nfan_out = {{ count = 8, window = \"5m\" }}\nchange_window = \"Mon-Sat 07:00-20:00\"\n"
+    ))
+    .unwrap();
+    assert!(!s.detect.enabled);
+    assert_eq!(s.detect.state_file, PathBuf::from("/etc/eastwall/st.json"));
+    assert_eq!(
+        s.detect.lock_on,
+        vec![
+            eastwall_detect::Name::FanOut,
+            eastwall_detect::Name::CredentialAnomaly
+        ]
+    );
+    assert_eq!(s.detect.lock_ttl, Duration::from_secs(1800));
+    assert_eq!(s.detect.tuning.learning, eastwall_detect::Span::days(14));
+    assert_eq!(s.detect.tuning.fan_out.count, 8);
+    assert_eq!(s.audit.ocsf, Some(PathBuf::from("/etc/eastwall/out.ocsf")));
+}
+
+#[test]
+fn hostile_detect_settings_are_refused_by_key() {
+    for (table, says) in [
+        ("lock_on = [\"everything\"]", "detect.lock_on"),
+        ("lock_on = \"fan_out\"", "expected a list of signal names"),
+        ("lock_ttl = \"0s\"", "detect.lock_ttl"),
+        ("enabled = \"yes\"", "expected true or false"),
+        (
+            "state_file = \"decisions.log\"",
+            "must not be the decision log",
+        ),
+        ("learnin = \"7d\"", "unknown field `learnin`"),
+        (
+            "fan_out = { count = 1, window = \"5m\" }",
+            "count must be at least 2",
+        ),
+        ("change_window = \"always\"", "detect.change_window"),
+        ("max_keys = 3", "max_keys"),
+        ("suppress = \"1 hour\"", "not a duration"),
+    ] {
+        let lines = refused(&format!("{MINIMAL}\n[detect]\n{table}\n"));
+        let line = has(&lines, says);
+        assert!(line.contains("eastwall.toml:"), "{line}");
+    }
+    let lines = refused(&format!("{MINIMAL}\n[audit]\nocsf = \"decisions.log\"\n"));
+    has(&lines, "audit.ocsf");
+}

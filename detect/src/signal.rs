@@ -24,6 +24,20 @@ pub enum Name {
 }
 
 impl Name {
+    /// Every signal, in the seed table's order.
+    pub const ALL: [Name; 5] = [
+        Name::NewFlow,
+        Name::SharedAdmin,
+        Name::OddHour,
+        Name::CredentialAnomaly,
+        Name::FanOut,
+    ];
+
+    /// The signal called `text` (`"fan_out"`, ...), as settings name it.
+    pub fn parse(text: &str) -> Option<Name> {
+        Name::ALL.into_iter().find(|n| n.as_str() == text)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Name::NewFlow => "new_flow",
