@@ -167,6 +167,25 @@ struct Watch {
     observer: OnceLock<Arc<dyn Observer>>,
     /// Whether the last write or flush succeeded (true until one fails).
     last_ok: AtomicBool,
+    /// Readers of every committed batch ([`AuditLog::tap`]).
+    taps: std::sync::Mutex<Vec<TapSender>>,
+}
+
+/// The writer's end of a tap.
+struct TapSender {
+    tx: mpsc::Sender<Arc<[u8]>>,
+    dropped: Arc<AtomicU64>,
+}
+
+/// Every batch of lines the log commits from now on, as written (whole lines, each ending
+/// in `\n`), in commit order: what the inline detectors and the OCSF export read.
+///
+/// The writer never waits for a tap: a batch that finds the queue full is dropped and its
+/// lines are counted in [`Tap::dropped`]. The log itself is the record; a tap is a reader.
+pub struct Tap {
+    pub rx: mpsc::Receiver<Arc<[u8]>>,
+    /// Lines this tap missed because its queue was full.
+    pub dropped: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Watch {
@@ -298,6 +317,22 @@ impl AuditLog {
     /// observer set is kept.
     pub fn observe(&self, observer: Arc<dyn Observer>) {
         let _ = self.inner.watch.observer.set(observer);
+    }
+
+    /// A new reader of every committed batch, with room for `depth` batches (see [`Tap`]).
+    pub fn tap(&self, depth: usize) -> Tap {
+        let (tx, rx) = mpsc::channel(depth.max(1));
+        let dropped = Arc::new(AtomicU64::new(0));
+        self.inner
+            .watch
+            .taps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(TapSender {
+                tx,
+                dropped: Arc::clone(&dropped),
+            });
+        Tap { rx, dropped }
     }
 
     /// Whether the last write reached the disk (readiness: a log that cannot be written
@@ -455,6 +490,24 @@ struct Writer {
 }
 
 impl Writer {
+    /// Hands a committed batch of `lines` lines to every tap, never waiting: a full tap
+    /// misses it (counted), a closed one is forgotten.
+    fn pour(&self, bytes: &[u8], lines: usize) {
+        let mut taps = self.watch.taps.lock().unwrap_or_else(|p| p.into_inner());
+        if taps.is_empty() {
+            return;
+        }
+        let shared: Arc<[u8]> = Arc::from(bytes);
+        taps.retain(|tap| match tap.tx.try_send(Arc::clone(&shared)) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tap.dropped.fetch_add(lines as u64, Ordering::Relaxed);
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        });
+    }
+
     /// Records the outcome of a write for readiness and tells the observer.
     fn tell(&self, req: &Request, ok: bool) {
         if let Some(observer) = self.watch.observer.get() {
@@ -486,6 +539,9 @@ impl Writer {
                 } = first;
                 let outcome = self.reopen_and_record(&mut entry, &ts, &mut buf);
                 self.watch.last_ok.store(outcome.is_ok(), Ordering::Relaxed);
+                if outcome.is_ok() {
+                    self.pour(&buf, 1);
+                }
                 if let Some(observer) = self.watch.observer.get() {
                     observer.written(&entry, queued.elapsed(), outcome.is_ok());
                 }
@@ -511,6 +567,7 @@ impl Writer {
             let outcome = self.commit(&buf).map_err(Arc::new);
             if outcome.is_ok() {
                 self.prev = prev;
+                self.pour(&buf, batch.len());
             } else if let Err(err) = &outcome {
                 tracing::error!(error = %err, entries = batch.len(),
                     "decision log write failed; refusing the connections it would admit");

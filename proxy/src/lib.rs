@@ -20,6 +20,8 @@
 //! - [`metrics`]: Prometheus metrics; [`admin`]: the plain-HTTP `/healthz`, `/readyz`,
 //!   `/metrics` listener.
 //! - [`reload`]: eastwall.toml and the policy reloaded, live sessions re-judged.
+//! - [`detection`]: the seed's five detectors inline on the decision log; signals, automatic locks;
+//!   [`detect_replay`]: the same detectors over a recorded log (`eastwall audit detect`).
 //! - [`locks`]: operators' locks on identities, serials, sources and roles; the lock file.
 //! - [`quickstart`]: a complete sidecar layout in one folder; [`pgcluster`]: private
 //!   PostgreSQL clusters for the demo and the tests.
@@ -34,6 +36,8 @@ pub mod cancel;
 pub mod cli;
 pub mod codec;
 pub mod demo;
+pub mod detect_replay;
+pub mod detection;
 pub mod identity;
 pub mod locks;
 pub mod metrics;

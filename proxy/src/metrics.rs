@@ -20,6 +20,8 @@
 //! `eastwall_decisions_total{event,decision,reason}` (every line with a decision but
 //! `session_end`, which repeats its session's), `eastwall_session_ends_total{reason}`,
 //! `eastwall_alerts_total{kind}`, `eastwall_signals_total{signal}`,
+//! `eastwall_detect_lines_dropped_total` (decision-log lines the inline detectors missed
+//! because their queue was full), `eastwall_detect_state_bytes` (their state's estimated size),
 //! `eastwall_sessions_active`, `eastwall_locks_active`,
 //! `eastwall_handshake_duration_seconds`, `eastwall_upstream_login_duration_seconds`,
 //! `eastwall_audit_write_duration_seconds` (histograms),
@@ -137,6 +139,8 @@ pub struct Metrics {
     bytes: Family<DirectionLabel, Counter>,
     sessions_active: Gauge,
     locks_active: Gauge,
+    detect_dropped: Counter,
+    detect_state_bytes: Gauge,
     handshake: Histogram,
     upstream_login: Histogram,
     audit_write: Histogram,
@@ -196,6 +200,18 @@ impl Metrics {
             "signals",
             "Detection signals fired, by signal",
             signals.clone(),
+        );
+        let detect_dropped = Counter::default();
+        registry.register(
+            "detect_lines_dropped",
+            "Decision-log lines the inline detectors missed because their queue was full",
+            detect_dropped.clone(),
+        );
+        let detect_state_bytes = Gauge::default();
+        registry.register(
+            "detect_state_bytes",
+            "Estimated memory held by the inline detectors' state",
+            detect_state_bytes.clone(),
         );
         let sessions_active = Gauge::default();
         registry.register(
@@ -260,6 +276,8 @@ impl Metrics {
             bytes,
             sessions_active,
             locks_active,
+            detect_dropped,
+            detect_state_bytes,
             handshake,
             upstream_login,
             audit_write,
@@ -289,6 +307,16 @@ impl Metrics {
     /// Sets `eastwall_locks_active` (called by whoever owns the locks).
     pub fn set_locks_active(&self, n: usize) {
         self.locks_active.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Sets the detectors' figures: lines missed so far (a running total) and state size.
+    pub fn set_detect(&self, dropped_total: u64, state_bytes: usize) {
+        let seen = self.detect_dropped.get();
+        if dropped_total > seen {
+            self.detect_dropped.inc_by(dropped_total - seen);
+        }
+        self.detect_state_bytes
+            .set(i64::try_from(state_bytes).unwrap_or(i64::MAX));
     }
 
     /// Counts one fired detection signal (`signal` is the detector's name).

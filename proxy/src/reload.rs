@@ -139,6 +139,7 @@ fn restart_needed(running: &Settings, new: &Settings) -> Vec<&'static str> {
     differ("limits", running.limits == new.limits);
     differ("admin", running.admin == new.admin);
     differ("locks", running.locks_file == new.locks_file);
+    differ("detect", running.detect == new.detect);
     keys
 }
 

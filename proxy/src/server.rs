@@ -57,6 +57,8 @@ pub enum StartError {
     Admin(#[from] AdminError),
     #[error(transparent)]
     Locks(#[from] crate::locks::LockError),
+    #[error(transparent)]
+    Detect(#[from] crate::detection::DetectError),
     #[error("cannot listen on {addr} for [admin] listen (/healthz, /readyz, /metrics): {source}; choose another address or set listen = \"off\"")]
     AdminListen {
         addr: SocketAddr,
@@ -119,6 +121,10 @@ impl Running {
             );
         }
         self.sidecar.flush_refusal_summaries().await;
+        if let Some(detection) = &self.sidecar.detection {
+            // After the last session_end line: the saved state has seen the whole run.
+            detection.stop().await;
+        }
         let _ = self.stop_rest.send(true);
         drop(self.admin);
     }
@@ -145,6 +151,7 @@ pub async fn prepare(config: Config) -> Result<Sidecar, StartError> {
         Upstream::new(&settings.upstream)?.with_login_histogram(metrics.upstream_login_histogram());
     let audit = AuditLog::open(&settings.audit.path).await?;
     audit.observe(metrics.clone());
+    let detection = crate::detection::Detection::start(&settings, &audit, metrics.clone())?;
     let mfa = if policy.mfa_groups().is_empty() {
         None
     } else {
@@ -189,6 +196,7 @@ pub async fn prepare(config: Config) -> Result<Sidecar, StartError> {
         reach: crate::admin::ReachCache::default(),
         log_retry: crate::admin::ReachCache::default(),
         locks,
+        detection,
     };
     sidecar.refresh_expiry_metrics();
     Ok(sidecar)

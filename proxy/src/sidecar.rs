@@ -61,6 +61,8 @@ pub struct Sidecar {
     pub log_retry: crate::admin::ReachCache,
     /// The operators' locks (`[locks] file`), re-read by the upkeep task.
     pub locks: crate::locks::LockWatcher,
+    /// The inline detectors (`[detect]`); None when disabled.
+    pub detection: Option<crate::detection::Detection>,
 }
 
 /// A budget of connections in one phase, per source and (optionally) over all sources.

@@ -1,4 +1,4 @@
-//! `eastwall audit`: checks the decision log's hash chain.
+//! `eastwall audit`: checks the decision log's hash chain; runs the detectors over a recorded log.
 
 use std::path::PathBuf;
 
@@ -25,12 +25,107 @@ pub enum Command {
         #[arg(required = true, num_args = 1..)]
         files: Vec<PathBuf>,
     },
+    /// Run the seed's five detectors over a recorded decision log and print their signals.
+    ///
+    /// The chain is verified first (as `audit verify` does); a log that does not verify is
+    /// not judged. The detectors are the sidecar's own, tuned by the config's [detect]
+    /// table when --config is given, so a replay finds what the sidecar found inline. They
+    /// start from nothing (learning), or from a saved state (--state, read only).
+    Detect {
+        /// The decision log; several for a rotated log, oldest first.
+        #[arg(required = true, num_args = 1..)]
+        files: Vec<PathBuf>,
+        /// eastwall.toml whose [detect] settings to use (default: the detectors' defaults).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// A detector state file to start from (e.g. a copy of `<log>.detect.json`); never written.
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// One JSON object per signal instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         Command::Verify { files } => verify(files),
+        Command::Detect {
+            files,
+            config,
+            state,
+            json,
+        } => detect(files, config, state, json),
     }
+}
+
+fn detect(
+    files: Vec<PathBuf>,
+    config: Option<PathBuf>,
+    state: Option<PathBuf>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let tuning = match &config {
+        Some(path) => eastwall_config::Settings::load(path)?.detect.tuning,
+        None => eastwall_detect::Settings::default(),
+    };
+    let saved = match &state {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the detector state {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let counts = verified_lines(&files)?;
+    let replay = crate::detect_replay::replay(&files, &counts, tuning, saved.as_deref())?;
+    for signal in &replay.signals {
+        if json {
+            outln!("{}", signal.to_json());
+        } else {
+            outln!("{}", crate::detect_replay::describe(signal));
+        }
+    }
+    if !json {
+        outln!(
+            "{} signal(s) over {} lines; the log itself records {} signal line(s)",
+            replay.signals.len(),
+            replay.lines,
+            replay.recorded
+        );
+    }
+    Ok(())
+}
+
+/// Verifies the chain of each file and that each continues the one before; returns the
+/// number of verified lines per file. A bad line prints FILE:LINE and exits 1.
+fn verified_lines(files: &[PathBuf]) -> anyhow::Result<Vec<usize>> {
+    let mut before: Option<(&PathBuf, audit::VerifyReport)> = None;
+    let mut counts = Vec::new();
+    for file in files {
+        let report = match audit::verify(file) {
+            Ok(report) => report,
+            Err(err @ VerifyError::Line { .. }) => {
+                eprintln!("{err}");
+                std::process::exit(1)
+            }
+            Err(err) => return Err(err).context("cannot verify the decision log"),
+        };
+        if let Some((old, old_report)) = &before {
+            if report.lines > 0 && report.first_prev != old_report.last_hash {
+                eprintln!(
+                    "{}:1: does not continue {}: its first line's prev is {}, the last hash there is {}",
+                    file.display(),
+                    old.display(),
+                    report.first_prev,
+                    old_report.last_hash
+                );
+                std::process::exit(1)
+            }
+        }
+        counts.push(report.lines);
+        before = Some((file, report));
+    }
+    Ok(counts)
 }
 
 fn verify(files: Vec<PathBuf>) -> anyhow::Result<()> {
