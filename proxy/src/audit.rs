@@ -1078,6 +1078,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_tap_sees_every_committed_line_and_a_stuck_one_never_holds_the_log_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("decisions.jsonl");
+        let log = AuditLog::open(&path).await.unwrap();
+        let mut reader = log.tap(1024);
+        // The attack on the detectors: a reader that never reads, while lines keep coming.
+        let stuck = log.tap(1);
+        for i in 1..=50 {
+            tokio::time::timeout(Duration::from_secs(5), log.record(entry(i)))
+                .await
+                .expect("a full tap must not make record wait")
+                .unwrap();
+        }
+        let mut seen = Vec::new();
+        while let Ok(batch) = reader.rx.try_recv() {
+            seen.extend_from_slice(&batch);
+        }
+        let file = std::fs::read(&path).unwrap();
+        assert_eq!(
+            seen, file,
+            "the tap holds the lines exactly as written, in order"
+        );
+        assert_eq!(reader.dropped.load(Ordering::Relaxed), 0);
+        assert!(
+            stuck.dropped.load(Ordering::Relaxed) >= 49,
+            "the stuck tap's misses are counted"
+        );
+        // A closed tap is forgotten, and the log goes on.
+        drop(reader);
+        log.record(entry(51)).await.unwrap();
+        assert_eq!(verify(&path).unwrap().lines, 51);
+    }
+
+    #[tokio::test]
     async fn records_round_trip_in_field_order_and_verify() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("decisions.jsonl");

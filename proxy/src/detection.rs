@@ -390,6 +390,78 @@ mod tests {
         }
     }
 
+    fn cfg(dir: &Path) -> DetectSettings {
+        DetectSettings {
+            enabled: true,
+            state_file: dir.join("decisions.log.detect.json"),
+            lock_on: Vec::new(),
+            lock_ttl: Duration::from_secs(3600),
+            tuning: eastwall_detect::Settings::default(),
+        }
+    }
+
+    fn refused(cfg: &DetectSettings, says: &str) {
+        let err = load_state(cfg).expect_err("must be refused").to_string();
+        assert!(err.contains(says), "{err}");
+        assert!(err.contains("move it aside"), "{err}");
+        assert!(err.contains(&cfg.state_file.display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn a_state_file_that_cannot_be_trusted_is_refused_never_replaced_by_a_fresh_start() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = cfg(dir.path());
+        // None yet: fresh detectors, learning.
+        assert!(load_state(&cfg).unwrap().state().started.is_none());
+        let saved = Detectors::new(cfg.tuning.clone()).unwrap().save();
+        save_state(&cfg.state_file, &saved).unwrap();
+        let mode = std::fs::metadata(&cfg.state_file)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "saved private");
+        load_state(&cfg).unwrap();
+        // The attacks: a poisoned baseline others may write, a link elsewhere, garbage,
+        // another program's JSON, a newer format.
+        std::fs::set_permissions(&cfg.state_file, std::fs::Permissions::from_mode(0o666)).unwrap();
+        refused(&cfg, "group or others may write it");
+        std::fs::remove_file(&cfg.state_file).unwrap();
+        let elsewhere = dir.path().join("elsewhere.json");
+        save_state(&elsewhere, &saved).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &cfg.state_file).unwrap();
+        refused(&cfg, "");
+        std::fs::remove_file(&cfg.state_file).unwrap();
+        for (text, says) in [
+            ("{not json", "not readable JSON"),
+            (
+                "{\"format\":\"someone-else\"}",
+                "not an Eastwall detector state",
+            ),
+            (
+                &saved.replace("\"version\":1", "\"version\":99"),
+                "version 99",
+            ),
+        ] {
+            let _ = std::fs::remove_file(&cfg.state_file);
+            save_state(&cfg.state_file, text).unwrap();
+            refused(&cfg, says);
+        }
+        std::fs::remove_file(&cfg.state_file).unwrap();
+        std::fs::create_dir(&cfg.state_file).unwrap();
+        refused(&cfg, "not a regular file");
+    }
+
+    #[test]
+    fn a_save_replaces_the_file_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.json");
+        save_state(&path, "first, and much longer than the second").unwrap();
+        save_state(&path, "second").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "second");
+        assert!(!dir.path().join("s.json.tmp").exists());
+    }
+
     #[test]
     fn each_subject_becomes_the_lock_target_it_names() {
         let td = TrustDomain::parse("corp.example").unwrap();
