@@ -875,6 +875,16 @@ pub enum LineProblem {
 
 /// Checks the whole chain of the log at `path`; reports the first bad line.
 pub fn verify(path: &Path) -> Result<VerifyReport, VerifyError> {
+    verify_each(path, |_, _| {})
+}
+
+/// [`verify`], handing each line to `each` (its 1-based number and its text without `\n`)
+/// once it and every line before it have checked, in the same read: what `each` sees is what
+/// was verified, even if the file changes meanwhile.
+pub fn verify_each(
+    path: &Path,
+    mut each: impl FnMut(usize, &[u8]),
+) -> Result<VerifyReport, VerifyError> {
     let io_err = |source| VerifyError::Io {
         path: path.to_path_buf(),
         source,
@@ -919,6 +929,7 @@ pub fn verify(path: &Path) -> Result<VerifyReport, VerifyError> {
             }
         }
         prev = check_line(&line, &prev).map_err(bad)?;
+        each(n, &line);
     }
 }
 

@@ -16,7 +16,8 @@
 //! - [`upstream`]: the proxy's own login to PostgreSQL (trust, SCRAM, cert).
 //! - [`relay`]: the byte pipe after admission.
 //! - [`cancel`]: the proxy's cancel keys and their upstream mapping.
-//! - [`audit`]: the hash-chained, fsync'd decision log.
+//! - [`audit`]: the hash-chained, fsync'd decision log; [`ocsf`]: its lines as OCSF 1.3.0
+//!   events; [`ocsf_sink`]: the live `[audit] ocsf` file of them.
 //! - [`metrics`]: Prometheus metrics; [`admin`]: the plain-HTTP `/healthz`, `/readyz`,
 //!   `/metrics` listener.
 //! - [`reload`]: eastwall.toml and the policy reloaded, live sessions re-judged.
@@ -42,6 +43,8 @@ pub mod identity;
 pub mod locks;
 pub mod metrics;
 pub mod mfa;
+pub mod ocsf;
+pub mod ocsf_sink;
 pub mod params;
 pub mod pgcluster;
 pub mod privilege;

@@ -22,6 +22,7 @@
 //! `eastwall_alerts_total{kind}`, `eastwall_signals_total{signal}`,
 //! `eastwall_detect_lines_dropped_total` (decision-log lines the inline detectors missed
 //! because their queue was full), `eastwall_detect_state_bytes` (their state's estimated size),
+//! `eastwall_ocsf_lines_dropped_total` (lines the `[audit] ocsf` file missed, same reason),
 //! `eastwall_sessions_active`, `eastwall_locks_active`,
 //! `eastwall_handshake_duration_seconds`, `eastwall_upstream_login_duration_seconds`,
 //! `eastwall_audit_write_duration_seconds` (histograms),
@@ -141,6 +142,7 @@ pub struct Metrics {
     locks_active: Gauge,
     detect_dropped: Counter,
     detect_state_bytes: Gauge,
+    ocsf_dropped: Counter,
     handshake: Histogram,
     upstream_login: Histogram,
     audit_write: Histogram,
@@ -213,6 +215,12 @@ impl Metrics {
             "Estimated memory held by the inline detectors' state",
             detect_state_bytes.clone(),
         );
+        let ocsf_dropped = Counter::default();
+        registry.register(
+            "ocsf_lines_dropped",
+            "Decision-log lines the [audit] ocsf file missed because its queue was full",
+            ocsf_dropped.clone(),
+        );
         let sessions_active = Gauge::default();
         registry.register(
             "sessions_active",
@@ -278,6 +286,7 @@ impl Metrics {
             locks_active,
             detect_dropped,
             detect_state_bytes,
+            ocsf_dropped,
             handshake,
             upstream_login,
             audit_write,
@@ -317,6 +326,14 @@ impl Metrics {
         }
         self.detect_state_bytes
             .set(i64::try_from(state_bytes).unwrap_or(i64::MAX));
+    }
+
+    /// Sets the OCSF file's missed lines (a running total).
+    pub fn set_ocsf_dropped(&self, dropped_total: u64) {
+        let seen = self.ocsf_dropped.get();
+        if dropped_total > seen {
+            self.ocsf_dropped.inc_by(dropped_total - seen);
+        }
     }
 
     /// Counts one fired detection signal (`signal` is the detector's name).

@@ -59,6 +59,8 @@ pub enum StartError {
     Locks(#[from] crate::locks::LockError),
     #[error(transparent)]
     Detect(#[from] crate::detection::DetectError),
+    #[error(transparent)]
+    Ocsf(#[from] crate::ocsf_sink::OcsfSinkError),
     #[error("cannot listen on {addr} for [admin] listen (/healthz, /readyz, /metrics): {source}; choose another address or set listen = \"off\"")]
     AdminListen {
         addr: SocketAddr,
@@ -125,6 +127,9 @@ impl Running {
             // After the last session_end line: the saved state has seen the whole run.
             detection.stop().await;
         }
+        if let Some(ocsf) = &self.sidecar.ocsf {
+            ocsf.stop().await;
+        }
         let _ = self.stop_rest.send(true);
         drop(self.admin);
     }
@@ -152,6 +157,14 @@ pub async fn prepare(config: Config) -> Result<Sidecar, StartError> {
     let audit = AuditLog::open(&settings.audit.path).await?;
     audit.observe(metrics.clone());
     let detection = crate::detection::Detection::start(&settings, &audit, metrics.clone())?;
+    let ocsf = match &settings.audit.ocsf {
+        Some(path) => Some(crate::ocsf_sink::OcsfSink::start(
+            path,
+            &audit,
+            metrics.clone(),
+        )?),
+        None => None,
+    };
     let mfa = if policy.mfa_groups().is_empty() {
         None
     } else {
@@ -197,6 +210,7 @@ pub async fn prepare(config: Config) -> Result<Sidecar, StartError> {
         log_retry: crate::admin::ReachCache::default(),
         locks,
         detection,
+        ocsf,
     };
     sidecar.refresh_expiry_metrics();
     Ok(sidecar)

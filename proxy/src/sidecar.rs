@@ -63,6 +63,8 @@ pub struct Sidecar {
     pub locks: crate::locks::LockWatcher,
     /// The inline detectors (`[detect]`); None when disabled.
     pub detection: Option<crate::detection::Detection>,
+    /// The `[audit] ocsf` export; None when not configured.
+    pub ocsf: Option<crate::ocsf_sink::OcsfSink>,
 }
 
 /// A budget of connections in one phase, per source and (optionally) over all sources.

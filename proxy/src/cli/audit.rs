@@ -1,10 +1,12 @@
-//! `eastwall audit`: checks the decision log's hash chain; runs the detectors over a recorded log.
+//! `eastwall audit`: checks the decision log's hash chain; runs the detectors over a verified log and converts one to OCSF.
 
-use std::path::PathBuf;
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use crate::audit::{self, VerifyError};
+use crate::audit::{self, VerifyError, VerifyReport};
 
 /// Arguments of `eastwall audit`.
 #[derive(Debug, clap::Args)]
@@ -45,6 +47,24 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Convert a decision log to OCSF 1.3.0 events, one JSON object per line.
+    ///
+    /// The chain is verified first, as `audit verify` does: a broken chain prints FILE:LINE
+    /// and exits 1 with nothing converted. Connects, step-ups, MFA answers, refusal summaries
+    /// and session ends become Authentication (3002) events, detector signals Detection
+    /// Finding (2004) events; other lines (rotation, reloads, locks, cancels, disk space) have
+    /// no OCSF class and are counted as skipped.
+    Ocsf {
+        /// The decision log; several for a rotated log, oldest first.
+        #[arg(required = true, num_args = 1..)]
+        files: Vec<PathBuf>,
+        /// Write the events to OUT (created mode 0600) instead of stdout.
+        #[arg(long, value_name = "OUT")]
+        out: Option<PathBuf>,
+        /// Replace OUT if it exists.
+        #[arg(long, requires = "out")]
+        force: bool,
+    },
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -56,6 +76,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             state,
             json,
         } => detect(files, config, state, json),
+        Command::Ocsf { files, out, force } => ocsf(&files, out.as_deref(), force),
     }
 }
 
@@ -76,7 +97,7 @@ fn detect(
         ),
         None => None,
     };
-    let counts = verified_lines(&files)?;
+    let counts: Vec<usize> = check_chain(&files)?.iter().map(|r| r.lines).collect();
     let replay = crate::detect_replay::replay(&files, &counts, tuning, saved.as_deref())?;
     for signal in &replay.signals {
         if json {
@@ -96,43 +117,32 @@ fn detect(
     Ok(())
 }
 
-/// Verifies the chain of each file and that each continues the one before; returns the
-/// number of verified lines per file. A bad line prints FILE:LINE and exits 1.
-fn verified_lines(files: &[PathBuf]) -> anyhow::Result<Vec<usize>> {
-    let mut before: Option<(&PathBuf, audit::VerifyReport)> = None;
-    let mut counts = Vec::new();
-    for file in files {
-        let report = match audit::verify(file) {
-            Ok(report) => report,
-            Err(err @ VerifyError::Line { .. }) => {
-                eprintln!("{err}");
-                std::process::exit(1)
-            }
-            Err(err) => return Err(err).context("cannot verify the decision log"),
-        };
-        if let Some((old, old_report)) = &before {
-            if report.lines > 0 && report.first_prev != old_report.last_hash {
-                eprintln!(
-                    "{}:1: does not continue {}: its first line's prev is {}, the last hash there is {}",
-                    file.display(),
-                    old.display(),
-                    report.first_prev,
-                    old_report.last_hash
-                );
-                std::process::exit(1)
-            }
+fn verify(files: Vec<PathBuf>) -> anyhow::Result<()> {
+    let reports = check_chain(&files)?;
+    if let Some((file, report)) = files.first().zip(reports.first()) {
+        if report.first_prev != audit::GENESIS {
+            outln!(
+                "note: {} continues a rotated log whose last hash is {}; give the older file first to check the join",
+                file.display(),
+                report.first_prev
+            );
         }
-        counts.push(report.lines);
-        before = Some((file, report));
     }
-    Ok(counts)
+    let lines: usize = reports.iter().map(|r| r.lines).sum();
+    let last = reports
+        .last()
+        .map(|r| r.last_hash.clone())
+        .unwrap_or_default();
+    outln!("ok: {lines} lines, chain intact (last hash {last})");
+    Ok(())
 }
 
-fn verify(files: Vec<PathBuf>) -> anyhow::Result<()> {
-    let mut before: Option<(PathBuf, audit::VerifyReport)> = None;
-    let mut lines = 0;
+/// Verifies each file and that each continues the one before it. A broken chain is
+/// `FILE:LINE: problem` on stderr and exit 1; an unreadable file is an error.
+fn check_chain(files: &[PathBuf]) -> anyhow::Result<Vec<VerifyReport>> {
+    let mut reports: Vec<VerifyReport> = Vec::new();
     for file in files {
-        let report = match audit::verify(&file) {
+        let report = match audit::verify(file) {
             Ok(report) => report,
             // `FILE:LINE: problem` on its own line, so editors and grep can jump to it.
             Err(err @ VerifyError::Line { .. }) => {
@@ -141,7 +151,7 @@ fn verify(files: Vec<PathBuf>) -> anyhow::Result<()> {
             }
             Err(err) => return Err(err).context("cannot verify the decision log"),
         };
-        if let Some((old, old_report)) = &before {
+        if let Some((old, old_report)) = reports.last().map(|r| (&files[reports.len() - 1], r)) {
             if report.lines > 0 && report.first_prev != old_report.last_hash {
                 eprintln!(
                     "{}:1: does not continue {}: its first line's prev is {}, the last hash there is {}",
@@ -153,22 +163,177 @@ fn verify(files: Vec<PathBuf>) -> anyhow::Result<()> {
                 std::process::exit(1)
             }
         }
-        lines += report.lines;
-        let continuing = before.is_some();
-        before = Some((file, report));
-        if !continuing {
-            if let Some((file, report)) = &before {
-                if report.first_prev != audit::GENESIS {
-                    outln!(
-                        "note: {} continues a rotated log whose last hash is {}; give the older file first to check the join",
-                        file.display(),
-                        report.first_prev
-                    );
+        reports.push(report);
+    }
+    Ok(reports)
+}
+
+/// Where the events go: stdout, or a 0600 temporary file beside OUT that is renamed onto it
+/// only once every line is converted (so a failure leaves no half-written OUT).
+enum Sink {
+    Stdout(BufWriter<std::io::Stdout>),
+    File {
+        file: BufWriter<tempfile::NamedTempFile>,
+        out: PathBuf,
+        force: bool,
+    },
+}
+
+impl Sink {
+    fn writer(&mut self) -> &mut dyn Write {
+        match self {
+            Sink::Stdout(w) => w,
+            Sink::File { file, .. } => file,
+        }
+    }
+}
+
+fn ocsf(files: &[PathBuf], out: Option<&Path>, force: bool) -> anyhow::Result<()> {
+    if let Some(out) = out {
+        refuse_out(files, out, force)?;
+    }
+    let reports = check_chain(files)?;
+
+    let mut sink = match out {
+        None => Sink::Stdout(BufWriter::new(std::io::stdout())),
+        Some(out) => {
+            let dir = match out.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            let tmp = tempfile::Builder::new()
+                .prefix(".eastwall-ocsf-")
+                .permissions(std::fs::Permissions::from_mode(0o600))
+                .tempfile_in(dir)
+                .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+            Sink::File {
+                file: BufWriter::new(tmp),
+                out: out.to_path_buf(),
+                force,
+            }
+        }
+    };
+
+    let (mut converted, mut skipped) = (0usize, 0usize);
+    let mut write_err: Option<std::io::Error> = None;
+    for (file, verified) in files.iter().zip(&reports) {
+        let expected = verified.lines;
+        let walked = audit::verify_each(file, |n, line| {
+            // Lines appended since the first pass (a live log) are left for the next run.
+            if n > expected || write_err.is_some() {
+                return;
+            }
+            let event = serde_json::from_slice(line)
+                .ok()
+                .and_then(|v| crate::ocsf::to_ocsf(&v));
+            let Some(event) = event else {
+                skipped += 1;
+                return;
+            };
+            let w = sink.writer();
+            let written = serde_json::to_writer(&mut *w, &event)
+                .map_err(std::io::Error::from)
+                .and_then(|()| w.write_all(b"\n"));
+            match written {
+                Ok(()) => converted += 1,
+                Err(err) => write_err = Some(err),
+            }
+        });
+        let unchanged = match &walked {
+            Ok(again) => again.first_prev == verified.first_prev && again.lines >= expected,
+            // A line past the verified ones being written right now is not ours to convert.
+            Err(VerifyError::Line { line, .. }) => *line > expected,
+            Err(VerifyError::Io { .. }) => false,
+        };
+        if !unchanged {
+            let why = walked.err().map_or_else(
+                || "its lines are not the ones verified".to_owned(),
+                |e| e.to_string(),
+            );
+            eprintln!(
+                "{}: changed while it was being converted ({why}); nothing was written to OUT, output to stdout is incomplete",
+                file.display()
+            );
+            std::process::exit(1)
+        }
+        if let Some(err) = write_err.take() {
+            return Err(match &sink {
+                Sink::Stdout(_) => crate::cli::stdout_failed(&err),
+                Sink::File { out, .. } => {
+                    anyhow::Error::from(err).context(format!("cannot write {}", out.display()))
                 }
+            });
+        }
+    }
+
+    let lines: usize = reports.iter().map(|r| r.lines).sum();
+    let summary = format!(
+        "ok: {lines} lines verified, {converted} OCSF events, {skipped} lines with no OCSF class skipped"
+    );
+    match sink {
+        Sink::Stdout(mut w) => {
+            if let Err(err) = w.flush() {
+                crate::cli::stdout_failed(&err);
+            }
+            eprintln!("{summary}");
+        }
+        Sink::File { file, out, force } => {
+            let tmp = file
+                .into_inner()
+                .map_err(|e| e.into_error())
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            tmp.as_file()
+                .sync_all()
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            let persisted = if force {
+                tmp.persist(&out).map(drop)
+            } else {
+                tmp.persist_noclobber(&out).map(drop)
+            };
+            persisted.map_err(|e| {
+                if e.error.kind() == std::io::ErrorKind::AlreadyExists {
+                    anyhow::anyhow!(
+                        "{} already exists; pass --force to replace it",
+                        out.display()
+                    )
+                } else {
+                    anyhow::Error::from(e.error).context(format!("cannot write {}", out.display()))
+                }
+            })?;
+            outln!("{summary}, written to {}", out.display());
+        }
+    }
+    Ok(())
+}
+
+/// OUT must not exist (unless --force), and is never one of the logs being read, not even with
+/// --force: replacing the decision log with its conversion would destroy the record.
+fn refuse_out(files: &[PathBuf], out: &Path, force: bool) -> anyhow::Result<()> {
+    let Ok(meta) = out.metadata() else {
+        if !force && out.symlink_metadata().is_ok() {
+            anyhow::bail!(
+                "{} already exists; pass --force to replace it",
+                out.display()
+            );
+        }
+        return Ok(());
+    };
+    for file in files {
+        if let Ok(m) = file.metadata() {
+            if m.dev() == meta.dev() && m.ino() == meta.ino() {
+                anyhow::bail!(
+                    "{} is the decision log being converted ({}); choose another --out",
+                    out.display(),
+                    file.display()
+                );
             }
         }
     }
-    let last = before.map(|(_, r)| r.last_hash).unwrap_or_default();
-    outln!("ok: {lines} lines, chain intact (last hash {last})");
+    if !force {
+        anyhow::bail!(
+            "{} already exists; pass --force to replace it",
+            out.display()
+        );
+    }
     Ok(())
 }

@@ -33,7 +33,7 @@ pub fn write_stdout_bytes(bytes: &[u8]) {
     }
 }
 
-fn stdout_failed(err: &std::io::Error) -> ! {
+pub(crate) fn stdout_failed(err: &std::io::Error) -> ! {
     if err.kind() == std::io::ErrorKind::BrokenPipe {
         std::process::exit(0);
     }

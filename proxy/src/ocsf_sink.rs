@@ -1,0 +1,148 @@
+//! `[audit] ocsf`: every committed decision-log line, converted by [`crate::ocsf::to_ocsf`], appended to a second file a SIEM can take without a parser.
+//!
+//! The sink reads the log's [`Tap`] on a thread of its own, so it never delays an admission:
+//! a full queue drops a batch, counted in `eastwall_ocsf_lines_dropped_total`. It is a
+//! derived export, not the record: the hash-chained log stays the source of truth, and
+//! `eastwall audit ocsf` can rebuild the file from it at any time. Each batch is written with
+//! one `write` and one `fdatasync`. The file is opened append-only, 0600, never through a
+//! symbolic link; after a `log_reopened` line (SIGHUP, log rotation) it is reopened too, so
+//! one logrotate rule can rotate both. A file that cannot be opened at start stops the start.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::audit::{AuditLog, Tap};
+use crate::metrics::Metrics;
+
+/// Committed batches that may wait for the sink before new ones are dropped.
+const QUEUE_BATCHES: usize = 4096;
+/// How long stopping waits for the queue to be written.
+const STOP_WAIT: Duration = Duration::from_secs(10);
+
+/// Why the OCSF file could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open the OCSF file {} ([audit] ocsf): {source}", path.display())]
+pub struct OcsfSinkError {
+    path: PathBuf,
+    source: std::io::Error,
+}
+
+/// The running sink: stop it to write what is queued.
+pub struct OcsfSink {
+    stop: watch::Sender<bool>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl OcsfSink {
+    /// Opens `path` and starts converting every line the log commits from now on.
+    pub fn start(
+        path: &Path,
+        audit: &AuditLog,
+        metrics: Arc<Metrics>,
+    ) -> Result<OcsfSink, OcsfSinkError> {
+        let file = open(path).map_err(|source| OcsfSinkError {
+            path: path.to_owned(),
+            source,
+        })?;
+        let tap = audit.tap(QUEUE_BATCHES);
+        let (stop, stopped) = watch::channel(false);
+        let path = path.to_owned();
+        let rt = tokio::runtime::Handle::current();
+        let thread = std::thread::Builder::new()
+            .name("eastwall-ocsf".into())
+            .spawn(move || run(rt, path, file, tap, stopped, metrics))
+            .map_err(|source| OcsfSinkError {
+                path: PathBuf::new(),
+                source,
+            })?;
+        Ok(OcsfSink {
+            stop,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Writes what is queued and stops (bounded by [`STOP_WAIT`]).
+    pub async fn stop(&self) {
+        let _ = self.stop.send(true);
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(thread) = thread else { return };
+        let joined = tokio::task::spawn_blocking(move || thread.join());
+        if tokio::time::timeout(STOP_WAIT, joined).await.is_err() {
+            tracing::error!("the OCSF file was not written to the end within {STOP_WAIT:?}");
+        }
+    }
+}
+
+fn open(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(path)
+}
+
+fn run(
+    rt: tokio::runtime::Handle,
+    path: PathBuf,
+    mut file: File,
+    mut tap: Tap,
+    mut stopped: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
+) {
+    let mut out = Vec::new();
+    loop {
+        let batch = rt.block_on(async {
+            tokio::select! {
+                batch = tap.rx.recv() => batch,
+                _ = stopped.changed() => None,
+            }
+        });
+        let Some(batch) = batch else { break };
+        write(&path, &mut file, &batch, &mut out);
+        metrics.set_ocsf_dropped(tap.dropped.load(Ordering::Relaxed));
+    }
+    while let Ok(batch) = tap.rx.try_recv() {
+        write(&path, &mut file, &batch, &mut out);
+    }
+    metrics.set_ocsf_dropped(tap.dropped.load(Ordering::Relaxed));
+}
+
+/// Converts and appends one batch; reopens the file after a rotation line.
+fn write(path: &Path, file: &mut File, batch: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    let mut reopen = false;
+    for raw in batch.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        let Ok(line) = serde_json::from_slice::<Value>(raw) else {
+            continue;
+        };
+        reopen |= line.get("event").and_then(Value::as_str) == Some("log_reopened");
+        if let Some(event) = crate::ocsf::to_ocsf(&line) {
+            if serde_json::to_writer(&mut *out, &event).is_ok() {
+                out.push(b'\n');
+            }
+        }
+    }
+    if reopen {
+        match open(path) {
+            Ok(f) => *file = f,
+            Err(err) => {
+                tracing::error!(path = %path.display(), %err, "cannot reopen the OCSF file; still writing the old one")
+            }
+        }
+    }
+    if out.is_empty() {
+        return;
+    }
+    if let Err(err) = file.write_all(out).and_then(|()| file.sync_data()) {
+        tracing::error!(path = %path.display(), %err, "cannot write the OCSF file; the decision log still has every line (eastwall audit ocsf rebuilds it)");
+    }
+}
