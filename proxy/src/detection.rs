@@ -300,7 +300,7 @@ pub fn place_lock(
 }
 
 /// The saved state, or fresh detectors when there is none.
-fn load_state(cfg: &DetectSettings) -> Result<Detectors, DetectError> {
+pub(crate) fn load_state(cfg: &DetectSettings) -> Result<Detectors, DetectError> {
     let path = &cfg.state_file;
     let fail = |why: String| DetectError::State {
         path: path.clone(),

@@ -47,6 +47,7 @@ pub mod ocsf;
 pub mod ocsf_sink;
 pub mod params;
 pub mod pgcluster;
+pub mod preflight;
 pub mod privilege;
 pub mod privilege_pool;
 pub mod quickstart;

@@ -21,11 +21,13 @@ enum Command {
     Quickstart(cli::quickstart::Args),
     /// Run the sidecar.
     Proxy(cli::proxy::Args),
+    /// Check everything the sidecar needs before running it: files, keys, expiry, PostgreSQL.
+    Check(cli::check::Args),
     /// Check a policy, or explain a decision.
     Policy(cli::policy::Args),
     /// Enroll, list and remove human operators' TOTP secrets; fetch a step-up token.
     Mfa(cli::mfa::Args),
-    /// Verify the decision log's hash chain.
+    /// Verify the decision log's hash chain; detect over it; convert it to OCSF.
     Audit(cli::audit::Args),
     /// Lock out an identity pattern, certificate serial, source range or role; list; lift.
     Lock(cli::lock::Args),
@@ -44,6 +46,7 @@ fn main() -> std::process::ExitCode {
         Command::Ca(args) => cli::ca::run(args),
         Command::Quickstart(args) => cli::quickstart::run(args),
         Command::Proxy(args) => cli::proxy::run(args),
+        Command::Check(args) => cli::check::run(args),
         Command::Policy(args) => cli::policy::run(args),
         Command::Mfa(args) => cli::mfa::run(args),
         Command::Audit(args) => cli::audit::run(args),
@@ -54,8 +57,9 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            // One line a user can act on: the causes joined, never a backtrace.
-            eprintln!("eastwall: {err:#}");
+            // One line a user can act on: the causes joined, never a backtrace. A cause that
+            // an error already quotes in its own message is not repeated.
+            eprintln!("eastwall: {}", one_line(&err));
             std::process::ExitCode::FAILURE
         }
     }
@@ -83,4 +87,17 @@ fn usage_error(err: clap::Error) -> std::process::ExitCode {
             std::process::ExitCode::from(2)
         }
     }
+}
+
+/// `err` and its causes as one line, each cause once.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut text = err.to_string();
+    for cause in err.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }

@@ -146,3 +146,23 @@ fn write(path: &Path, file: &mut File, batch: &[u8], out: &mut Vec<u8>) {
         tracing::error!(path = %path.display(), %err, "cannot write the OCSF file; the decision log still has every line (eastwall audit ocsf rebuilds it)");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_link_planted_at_the_path_is_refused_and_a_new_file_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, "").unwrap();
+        let path = dir.path().join("decisions.ocsf.jsonl");
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        assert!(open(&path).is_err(), "a symbolic link is not followed");
+        std::fs::remove_file(&path).unwrap();
+        open(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}

@@ -43,6 +43,7 @@ pub(crate) fn stdout_failed(err: &std::io::Error) -> ! {
 
 pub mod audit;
 pub mod ca;
+pub mod check;
 pub mod demo;
 pub mod lock;
 pub mod mfa;

@@ -117,7 +117,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// Loads the configuration, printing every problem on its own line to stderr.
-fn load(path: &std::path::Path) -> anyhow::Result<Config> {
+pub(crate) fn load(path: &std::path::Path) -> anyhow::Result<Config> {
     match Config::load(path) {
         Ok(config) => Ok(config),
         Err(err) => {
