@@ -55,6 +55,11 @@ pub trait Health: Send + Sync + 'static {
     fn metrics(&self, openmetrics: bool) -> String;
     /// The failing readiness checks, one line each; empty when ready.
     fn not_ready(&self) -> Pin<Box<dyn Future<Output = Vec<String>> + Send + '_>>;
+    /// What will fail if nobody acts (a certificate or CRL close to its date), one line
+    /// each; listed under `ready` without making the sidecar unready.
+    fn warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Reuses one reachability result for [`REACH_TTL`]; concurrent probes share one check.
@@ -142,13 +147,22 @@ async fn respond(req: Request<Incoming>, health: &dyn Health) -> Response<Full<B
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => {
             let failing = health.not_ready().await;
-            if failing.is_empty() {
-                text(StatusCode::OK, "ready\n")
+            let warnings = health.warnings();
+            let mut body = if failing.is_empty() {
+                "ready\n".to_owned()
             } else {
-                let mut body = failing.join("\n");
+                failing.join("\n") + "\n"
+            };
+            for w in &warnings {
+                body.push_str(w);
                 body.push('\n');
-                text(StatusCode::SERVICE_UNAVAILABLE, &body)
             }
+            let status = if failing.is_empty() {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            text(status, &body)
         }
         _ => {
             let openmetrics = wants_openmetrics(req.headers());

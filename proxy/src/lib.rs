@@ -39,6 +39,7 @@ pub mod codec;
 pub mod demo;
 pub mod detect_replay;
 pub mod detection;
+pub mod expiry;
 pub mod identity;
 pub mod locks;
 pub mod metrics;

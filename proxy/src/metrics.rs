@@ -362,8 +362,8 @@ impl Metrics {
 
     /// Sets the proxy certificate's notAfter (`cert="proxy"`) and the CRL's earliest
     /// nextUpdate (`cert="crl"`, removed when no CRL is configured).
-    pub fn set_expiry(&self, proxy_not_after: Option<SystemTime>, crl_next: Option<SystemTime>) {
-        for (cert, at) in [("proxy", proxy_not_after), ("crl", crl_next)] {
+    pub fn set_expiry(&self, e: &crate::expiry::Expiries) {
+        for (cert, at) in [("proxy", e.proxy), ("ca", e.ca), ("crl", e.crl)] {
             match at {
                 Some(at) => {
                     let secs = match at.duration_since(SystemTime::UNIX_EPOCH) {
@@ -661,11 +661,17 @@ mod tests {
     fn expiry_gauges_are_unix_seconds() {
         let m = Metrics::new();
         let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_900_000_000);
-        m.set_expiry(Some(at), None);
+        m.set_expiry(&crate::expiry::Expiries {
+            proxy: Some(at),
+            ca: Some(at + Duration::from_secs(5)),
+            crl: None,
+        });
         let text = m.encode(0);
         assert!(text.contains(
             "eastwall_certificate_expiry_timestamp_seconds{cert=\"proxy\"} 1900000000\n"
         ));
+        assert!(text
+            .contains("eastwall_certificate_expiry_timestamp_seconds{cert=\"ca\"} 1900000005\n"));
         assert!(!text.contains("cert=\"crl\""));
     }
 }

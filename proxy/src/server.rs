@@ -211,6 +211,8 @@ pub async fn prepare(config: Config) -> Result<Sidecar, StartError> {
         locks,
         detection,
         ocsf,
+        expiries: Default::default(),
+        expiry_warned: Default::default(),
     };
     sidecar.refresh_expiry_metrics();
     Ok(sidecar)
@@ -356,6 +358,7 @@ fn spawn_upkeep(sidecar: Arc<Sidecar>, mut stop: watch::Receiver<bool>) {
                 _ = disk.tick() => check_disk(&sidecar, &mut disk_watch).await,
                 _ = reload.tick() => {
                     crate::reload::check(&sidecar).await;
+                    sidecar.log_expiry_warnings().await;
                     crate::locks::upkeep(&sidecar.locks, &sidecar.audit).await;
                     apply_locks(&sidecar);
                     match sidecar.tls.refresh() {
@@ -463,6 +466,14 @@ fn spawn_admin(sidecar: Arc<Sidecar>, listener: TcpListener, mut stop: watch::Re
 }
 
 impl crate::admin::Health for Sidecar {
+    fn warnings(&self) -> Vec<String> {
+        self.expiry_findings(std::time::SystemTime::now())
+            .into_iter()
+            .filter(|j| j.level == crate::preflight::Level::Warning)
+            .map(|j| format!("warning: {}", j.message))
+            .collect()
+    }
+
     fn metrics(&self, openmetrics: bool) -> String {
         let live = self.live_sessions();
         if openmetrics {
@@ -509,6 +520,11 @@ impl crate::admin::Health for Sidecar {
                 .await;
             if let Err(err) = reach {
                 failing.push(format!("upstream: {err}"));
+            }
+            for j in self.expiry_findings(std::time::SystemTime::now()) {
+                if j.level == crate::preflight::Level::Error {
+                    failing.push(j.message);
+                }
             }
             failing
         })

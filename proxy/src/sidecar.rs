@@ -63,6 +63,10 @@ pub struct Sidecar {
     pub locks: crate::locks::LockWatcher,
     /// The inline detectors (`[detect]`); None when disabled.
     pub detection: Option<crate::detection::Detection>,
+    /// The dates that end the sidecar's usefulness (proxy certificate, CA, CRL).
+    pub expiries: Mutex<crate::expiry::Expiries>,
+    /// When each date's `expiry_warning` line was last written.
+    pub expiry_warned: Mutex<HashMap<&'static str, Instant>>,
     /// The `[audit] ocsf` export; None when not configured.
     pub ocsf: Option<crate::ocsf_sink::OcsfSink>,
 }
@@ -357,9 +361,60 @@ impl Sidecar {
     /// Re-reads the proxy certificate's notAfter and the CRL's nextUpdate into the metrics
     /// (at start and after each TLS reload).
     pub fn refresh_expiry_metrics(&self) {
-        let not_after = crate::metrics::cert_not_after(&self.tls.files().cert);
-        self.metrics
-            .set_expiry(not_after, self.tls.crl_next_update());
+        let files = self.tls.files();
+        let e = crate::expiry::Expiries::read(
+            &files.cert,
+            &files.client_ca,
+            self.tls.crl_next_update(),
+        );
+        self.metrics.set_expiry(&e);
+        *self.expiries.lock().unwrap_or_else(|p| p.into_inner()) = e;
+    }
+
+    /// The dates in force ([`Sidecar::refresh_expiry_metrics`]), judged at `now`.
+    pub fn expiry_findings(&self, now: std::time::SystemTime) -> Vec<crate::expiry::Judged> {
+        self.expiries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .judge(now)
+    }
+
+    /// Writes an `expiry_warning` line (alert) for each date that is close or past, at most
+    /// once per [`crate::expiry::LOG_EVERY`] per date.
+    pub async fn log_expiry_warnings(&self) {
+        let now = std::time::SystemTime::now();
+        for j in self.expiry_findings(now) {
+            {
+                let mut warned = self.expiry_warned.lock().unwrap_or_else(|p| p.into_inner());
+                match warned.get(j.cert) {
+                    Some(at) if at.elapsed() < crate::expiry::LOG_EVERY => continue,
+                    _ => {
+                        warned.insert(j.cert, Instant::now());
+                    }
+                }
+            }
+            tracing::warn!(cert = j.cert, "{}", j.message);
+            let mut entry = Entry {
+                conn_id: crate::identity::new_conn_id(),
+                event: "expiry_warning",
+                reason: if j.level == crate::preflight::Level::Error {
+                    "expired".into()
+                } else {
+                    "expires_soon".into()
+                },
+                alert: true,
+                ..Entry::default()
+            };
+            entry.extra.insert("cert".into(), j.cert.into());
+            entry.extra.insert(
+                "expires_at".into(),
+                humantime::format_rfc3339_seconds(j.at).to_string().into(),
+            );
+            entry.extra.insert("detail".into(), j.message.into());
+            if let Err(err) = self.audit.record(entry).await {
+                tracing::error!(%err, "decision log write failed");
+            }
+        }
     }
 
     /// Whether a drain (shutdown) has started: `/readyz` answers 503 from then on.

@@ -445,6 +445,72 @@ async fn readyz_is_ready_then_503_when_postgres_stops() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_certificate_close_to_expiry_is_warned_in_readyz_the_log_and_the_metrics(
+) -> anyhow::Result<()> {
+    let d = Deployment::start(SidecarOptions::default()).await?;
+    let admin = admin(&d)?;
+    // The operator re-issues the proxy's certificate, but for two days only.
+    let ca = eastwall_ca::Ca::open(&d.layout.dir.join("ca"))?;
+    let mut req = eastwall_ca::IssueRequest::new(eastwall_ca::SpiffeId::parse(
+        "spiffe://corp.example/db/eastwall-proxy",
+    )?);
+    req.ttl = Duration::from_secs(2 * 86_400);
+    req.dns = vec!["localhost".into()];
+    req.ips = vec!["127.0.0.1".parse()?];
+    ca.issue(&req)?.write(&d.layout.dir.join("certs/proxy"))?;
+    let expected = proxy_not_after(&d)?;
+
+    // Within the reload tick: still ready, with the warning under it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let reply = loop {
+        let reply = get(admin, "/readyz").await?;
+        if reply.body.contains("warning:") || Instant::now() > deadline {
+            break reply;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        reply.status, 200,
+        "a warning does not take the sidecar out: {}",
+        reply.body
+    );
+    let lines: Vec<&str> = reply.body.lines().collect();
+    assert_eq!(lines[0], "ready");
+    assert!(
+        lines[1].starts_with("warning: the proxy's certificate expires at")
+            && lines[1].contains("eastwall ca issue"),
+        "{}",
+        reply.body
+    );
+    // The dates are metrics: the proxy's own certificate, the CA, the CRL.
+    let m = scrape(admin).await?;
+    let gauge = |cert: &str| {
+        total(
+            &m,
+            "eastwall_certificate_expiry_timestamp_seconds",
+            &[&format!("cert=\"{cert}\"")],
+        )
+    };
+    assert_eq!(gauge("proxy") as i64, expected);
+    assert!(gauge("ca") > gauge("proxy"), "the CA outlives it");
+    assert!(gauge("crl") > 0.0);
+    // And one alert line in the decision log, not one per tick.
+    let line = d
+        .wait_for_decision(|l| l["event"] == "expiry_warning" && l["cert"] == "proxy")
+        .await?;
+    assert_eq!(line["alert"], true);
+    assert_eq!(line["reason"], "expires_soon");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let n = d
+        .decisions()?
+        .iter()
+        .filter(|l| l["event"] == "expiry_warning")
+        .count();
+    assert_eq!(n, 1, "once a day per date");
+    Ok(())
+}
+
 #[tokio::test]
 async fn readyz_is_503_while_draining() -> anyhow::Result<()> {
     let d = Deployment::start(SidecarOptions::default()).await?;
