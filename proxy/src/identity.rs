@@ -67,6 +67,35 @@ impl IdentityError {
 }
 
 /// Checks the X509-SVID rules on the leaf of a chain rustls has verified.
+/// What a certificate says about itself, read without trusting it: for the log line of a
+/// refused handshake (`claimed_spiffe_id`, `claimed_cert_serial`, `"unverified": true`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed {
+    /// Its first URI SAN, if any (capped by the log like every field).
+    pub spiffe_id: Option<String>,
+    /// Lowercase hex of its raw serial, as [`PeerIdentity::serial_hex`] writes it.
+    pub serial_hex: String,
+}
+
+/// Parses a refused leaf; None when it is not X.509 at all.
+pub fn claimed(der: &[u8]) -> Option<Claimed> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let spiffe_id = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .and_then(|san| {
+            san.value.general_names.iter().find_map(|name| match name {
+                GeneralName::URI(uri) => Some((*uri).to_owned()),
+                _ => None,
+            })
+        });
+    Some(Claimed {
+        spiffe_id,
+        serial_hex: hex::encode(cert.raw_serial()),
+    })
+}
+
 pub fn identify(
     chain: Option<&[CertificateDer<'_>]>,
     trust_domain: &TrustDomain,

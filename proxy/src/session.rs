@@ -89,6 +89,7 @@ pub async fn serve(
             _ = evicted.notified() => FrontDoor::Refused(startup::Refusal {
                 reason: "handshake_evicted",
                 detail: "handshake budget full: this source's oldest handshake made room for another source".into(),
+                claimed: None,
             }),
         }
     }))
@@ -109,7 +110,23 @@ pub async fn serve(
     match front {
         FrontDoor::Gone => {}
         FrontDoor::Refused(refusal) => {
-            Box::pin(sidecar.log_refusal(&conn_id, peer, refusal.reason, &refusal.detail)).await;
+            let mut entry = sidecar.entry(&conn_id, peer, "connect");
+            entry.decision = Some("deny");
+            entry.reason = refusal.reason.to_owned();
+            if !refusal.detail.is_empty() {
+                entry.extra.insert("detail".into(), refusal.detail.into());
+            }
+            if let Some(claimed) = refusal.claimed {
+                // Never in spiffe_id / cert_serial: those are proven identities only.
+                entry
+                    .extra
+                    .insert("claimed_spiffe_id".into(), claimed.spiffe_id.into());
+                entry
+                    .extra
+                    .insert("claimed_cert_serial".into(), claimed.serial_hex.into());
+                entry.extra.insert("unverified".into(), true.into());
+            }
+            Box::pin(sidecar.log_unauthenticated(entry)).await;
         }
         FrontDoor::Cancel { pid, key } => {
             Box::pin(handle_cancel(&sidecar, &conn_id, peer, pid, &key)).await

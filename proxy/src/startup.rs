@@ -59,6 +59,8 @@ pub enum FrontDoor {
 pub struct Refusal {
     pub reason: &'static str,
     pub detail: String,
+    /// What a refused certificate claimed (unverified), when TLS refused one.
+    pub claimed: Option<crate::identity::Claimed>,
 }
 
 impl Refusal {
@@ -66,6 +68,7 @@ impl Refusal {
         Self {
             reason,
             detail: detail.into(),
+            claimed: None,
         }
     }
 }
@@ -191,15 +194,16 @@ async fn accept_tls(
     tcp: TcpStream,
     config: Arc<ServerConfig>,
 ) -> Result<TlsStream<TcpStream>, Refusal> {
-    tokio_rustls::TlsAcceptor::from(config)
-        .accept(tcp)
-        .await
-        .map_err(|err| {
-            Refusal::new(
-                crate::identity::handshake_failure_reason(&err),
-                err.to_string(),
-            )
-        })
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
+    let (result, refused_leaf) = crate::tls::accept_noting_refused_leaf(accept).await;
+    result.map_err(|err| {
+        let mut refusal = Refusal::new(
+            crate::identity::handshake_failure_reason(&err),
+            err.to_string(),
+        );
+        refusal.claimed = refused_leaf.and_then(|der| crate::identity::claimed(&der));
+        refusal
+    })
 }
 
 /// Reads one plaintext startup packet with exact reads; `None` when the client closed first.

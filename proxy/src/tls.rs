@@ -485,20 +485,28 @@ impl SvidVerifier {
     }
 }
 
-impl ClientCertVerifier for SvidVerifier {
-    fn offer_client_auth(&self) -> bool {
-        self.inner.offer_client_auth()
-    }
+tokio::task_local! {
+    /// The leaf a client presented when the verifier refused it, for the refusal's log
+    /// line; set only on that path, so an accepted handshake pays nothing.
+    static REFUSED_LEAF: std::cell::RefCell<Option<Vec<u8>>>;
+}
 
-    fn client_auth_mandatory(&self) -> bool {
-        self.inner.client_auth_mandatory()
-    }
+/// Runs a TLS accept and hands back, with its result, the leaf certificate the verifier
+/// refused (if it refused one): what the client claimed, unverified.
+pub async fn accept_noting_refused_leaf<F: std::future::Future>(
+    accept: F,
+) -> (F::Output, Option<Vec<u8>>) {
+    REFUSED_LEAF
+        .scope(std::cell::RefCell::new(None), async {
+            let out = accept.await;
+            let leaf = REFUSED_LEAF.with(|l| l.borrow_mut().take());
+            (out, leaf)
+        })
+        .await
+}
 
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
-    }
-
-    fn verify_client_cert(
+impl SvidVerifier {
+    fn verify_inner(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
@@ -528,6 +536,34 @@ impl ClientCertVerifier for SvidVerifier {
                 .map_err(RustlsError::InvalidCertificate)?;
         }
         Ok(ClientCertVerified::assertion())
+    }
+}
+
+impl ClientCertVerifier for SvidVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, RustlsError> {
+        let verdict = self.verify_inner(end_entity, intermediates, now);
+        if verdict.is_err() {
+            // Bounded: a certificate is at most a TLS record's worth of bytes.
+            let _ = REFUSED_LEAF.try_with(|l| *l.borrow_mut() = Some(end_entity.to_vec()));
+        }
+        verdict
     }
 
     fn verify_tls12_signature(

@@ -37,7 +37,12 @@ fn billing_request() -> anyhow::Result<IssueRequest> {
 /// The only decision line so far, after a refusal in a fresh deployment.
 async fn only_line(d: &Deployment, reason: &str) -> anyhow::Result<serde_json::Value> {
     let line = one_decision(d, |l| l["reason"] == reason).await?;
-    let all = d.decisions()?;
+    // Detection signals the refusal raises are lines of their own (tests/tests/detection_inline.rs).
+    let all: Vec<_> = d
+        .decisions()?
+        .into_iter()
+        .filter(|l| l["event"] != "signal")
+        .collect();
     assert_eq!(all.len(), 1, "one refusal, one line: {all:#?}");
     assert_eq!(line["event"], "connect");
     assert_eq!(line["decision"], "deny");
@@ -124,7 +129,15 @@ async fn certificate_from_another_ca_is_untrusted() -> anyhow::Result<()> {
     // Same issuer name, so webpki finds "our" CA and the signature check fails: rustls
     // answers with a decrypt_error alert.
     assert!(format!("{err:?}").contains("AlertReceived"), "{err:?}");
-    only_line(&d, "untrusted").await?;
+    let line = only_line(&d, "untrusted").await?;
+    // What it claimed is kept for forensics, marked unverified, never as the identity.
+    assert!(line["spiffe_id"].is_null(), "{line}");
+    assert_eq!(
+        line["claimed_spiffe_id"],
+        "spiffe://corp.example/app/billing"
+    );
+    assert!(line["claimed_cert_serial"].is_string(), "{line}");
+    assert_eq!(line["unverified"], true);
     assert_still_serves(&d).await
 }
 
@@ -141,7 +154,11 @@ async fn expired_certificate_is_refused() -> anyhow::Result<()> {
         .expect_err("refused");
     assert!(err.code().is_none(), "{err}");
     assert!(format!("{err:?}").contains("CertificateExpired"), "{err:?}");
-    only_line(&d, "expired").await?;
+    let line = only_line(&d, "expired").await?;
+    assert_eq!(
+        line["claimed_spiffe_id"],
+        "spiffe://corp.example/app/billing"
+    );
     assert_still_serves(&d).await
 }
 
@@ -171,10 +188,22 @@ async fn revoked_certificate_is_refused_once_the_crl_reloads() -> anyhow::Result
     assert!(format!("{err:?}").contains("CertificateRevoked"), "{err:?}");
     // One refusal; the revoked certificate's live sessions also end, as session_end lines
     // with the same reason (tests/tests/revocation_live.rs).
-    one_decision(&d, |l| l["event"] == "connect" && l["reason"] == "revoked").await?;
+    let line = one_decision(&d, |l| l["event"] == "connect" && l["reason"] == "revoked").await?;
+    assert!(line["cert_serial"].is_null(), "{line}");
+    assert_eq!(
+        line["claimed_cert_serial"],
+        cert.serial_hex.as_str(),
+        "{line}"
+    );
+    assert_eq!(
+        line["claimed_spiffe_id"],
+        "spiffe://corp.example/app/billing"
+    );
+    assert_eq!(line["unverified"], true);
     assert!(d
         .decisions()?
         .iter()
+        .filter(|l| l["event"] != "signal")
         .all(|l| l["decision"] == "allow" || l["reason"] == "revoked"));
     // The sample billing certificate (another serial) is unaffected.
     assert_still_serves(&d).await
