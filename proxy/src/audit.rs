@@ -228,12 +228,15 @@ impl AuditLog {
     /// it is logged at error level.
     pub async fn open(path: &Path) -> Result<AuditLog, AuditError> {
         let owned = path.to_path_buf();
-        let opened = tokio::task::spawn_blocking(move || open_blocking(&owned))
-            .await
-            .map_err(|join| AuditError::Spawn {
-                path: path.to_path_buf(),
-                source: io::Error::other(join.to_string()),
-            })??;
+        let opened = tokio::task::spawn_blocking(move || {
+            make_folder(&owned)?;
+            open_blocking(&owned)
+        })
+        .await
+        .map_err(|join| AuditError::Spawn {
+            path: path.to_path_buf(),
+            source: io::Error::other(join.to_string()),
+        })??;
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let fsyncs = Arc::new(AtomicU64::new(0));
         let watch = Arc::new(Watch::default());
@@ -360,6 +363,27 @@ struct Opened {
     regular: bool,
     len: u64,
     prev: String,
+}
+
+/// At start, a missing folder is made, private, as `mfa/` is: a fresh layout needs no
+/// mkdir. A reopen (rotation) does not: a folder moved away is an operator's mistake to
+/// report, and the writer keeps the file it has.
+fn make_folder(path: &Path) -> Result<(), AuditError> {
+    let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    if dir.exists() {
+        return Ok(());
+    }
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| AuditError::Open {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 fn open_blocking(path: &Path) -> Result<Opened, AuditError> {
@@ -1120,6 +1144,21 @@ mod tests {
         drop(reader);
         log.record(entry(51)).await.unwrap();
         assert_eq!(verify(&path).unwrap().lines, 51);
+    }
+
+    #[tokio::test]
+    async fn a_missing_folder_is_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("var/log/eastwall/decisions.log");
+        let log = AuditLog::open(&path).await.unwrap();
+        log.record(entry(1)).await.unwrap();
+        let mode = std::fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+        assert_eq!(verify(&path).unwrap().lines, 1);
     }
 
     #[tokio::test]

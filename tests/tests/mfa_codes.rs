@@ -75,7 +75,16 @@ async fn a_code_admits_once_and_replayed_or_wrong_codes_get_28p01() -> anyhow::R
         "{}",
         show(&lines)
     );
-    assert!(lines.iter().all(|l| l["alert"] != true), "{}", show(&lines));
+    // The failures themselves are not alerts; what the detectors make of them is a signal
+    // line of its own (tests/tests/detection_inline.rs).
+    assert!(
+        lines
+            .iter()
+            .filter(|l| l["event"] != "signal")
+            .all(|l| l["alert"] != true),
+        "{}",
+        show(&lines)
+    );
     Ok(())
 }
 
