@@ -28,7 +28,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use eastwall_ca::spiffe::TrustDomain;
@@ -64,8 +64,7 @@ pub enum DetectError {
 
 /// The running detectors: stop them to drain their queue and save their state.
 pub struct Detection {
-    stop: watch::Sender<bool>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    thread: crate::tap_thread::TapThread,
 }
 
 impl Detection {
@@ -82,7 +81,6 @@ impl Detection {
         }
         let detectors = load_state(cfg)?;
         let tap = audit.tap(QUEUE_BATCHES);
-        let (stop, stopped) = watch::channel(false);
         let worker = Worker {
             detectors,
             state_file: cfg.state_file.clone(),
@@ -95,24 +93,16 @@ impl Detection {
             dropped: Arc::clone(&tap.dropped),
             dirty: false,
         };
-        let handle = tokio::runtime::Handle::current();
-        let thread = std::thread::Builder::new()
-            .name("eastwall-detect".into())
-            .spawn(move || worker.run(handle, tap, stopped))
-            .map_err(DetectError::Spawn)?;
-        Ok(Some(Detection {
-            stop,
-            thread: Mutex::new(Some(thread)),
-        }))
+        let thread = crate::tap_thread::TapThread::spawn("eastwall-detect", move |rt, stopped| {
+            worker.run(rt, tap, stopped)
+        })
+        .map_err(DetectError::Spawn)?;
+        Ok(Some(Detection { thread }))
     }
 
     /// Judges what is queued, saves the state and stops (bounded by [`STOP_WAIT`]).
     pub async fn stop(&self) {
-        let _ = self.stop.send(true);
-        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let Some(thread) = thread else { return };
-        let joined = tokio::task::spawn_blocking(move || thread.join());
-        if tokio::time::timeout(STOP_WAIT, joined).await.is_err() {
+        if !self.thread.stop(STOP_WAIT).await {
             tracing::error!(
                 "the detectors did not save their state within {STOP_WAIT:?}; it may be older than this run"
             );

@@ -62,5 +62,6 @@ pub mod sidecar;
 pub mod source;
 pub mod startup;
 pub mod stepup;
+pub mod tap_thread;
 pub mod tls;
 pub mod upstream;

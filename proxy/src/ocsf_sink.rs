@@ -13,7 +13,7 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -37,8 +37,7 @@ pub struct OcsfSinkError {
 
 /// The running sink: stop it to write what is queued.
 pub struct OcsfSink {
-    stop: watch::Sender<bool>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    thread: crate::tap_thread::TapThread,
 }
 
 impl OcsfSink {
@@ -53,29 +52,20 @@ impl OcsfSink {
             source,
         })?;
         let tap = audit.tap(QUEUE_BATCHES);
-        let (stop, stopped) = watch::channel(false);
-        let path = path.to_owned();
-        let rt = tokio::runtime::Handle::current();
-        let thread = std::thread::Builder::new()
-            .name("eastwall-ocsf".into())
-            .spawn(move || run(rt, path, file, tap, stopped, metrics))
-            .map_err(|source| OcsfSinkError {
-                path: PathBuf::new(),
-                source,
-            })?;
-        Ok(OcsfSink {
-            stop,
-            thread: Mutex::new(Some(thread)),
+        let owned = path.to_owned();
+        let thread = crate::tap_thread::TapThread::spawn("eastwall-ocsf", move |rt, stopped| {
+            run(rt, owned, file, tap, stopped, metrics)
         })
+        .map_err(|source| OcsfSinkError {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(OcsfSink { thread })
     }
 
     /// Writes what is queued and stops (bounded by [`STOP_WAIT`]).
     pub async fn stop(&self) {
-        let _ = self.stop.send(true);
-        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let Some(thread) = thread else { return };
-        let joined = tokio::task::spawn_blocking(move || thread.join());
-        if tokio::time::timeout(STOP_WAIT, joined).await.is_err() {
+        if !self.thread.stop(STOP_WAIT).await {
             tracing::error!("the OCSF file was not written to the end within {STOP_WAIT:?}");
         }
     }
