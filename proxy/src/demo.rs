@@ -521,7 +521,20 @@ impl<'a> Story<'a> {
                     },
                     text(&l["db_user"]),
                     text(&l["decision"]),
-                    shorten(&text(&l["reason"]), 48),
+                    if l["event"] == "signal" {
+                        // What the detectors saw, and about whom.
+                        shorten(
+                            &format!(
+                                "{} {}: {}",
+                                text(&l["signal"]),
+                                text(&l["kind"]),
+                                text(&l["subject"])
+                            ),
+                            48,
+                        )
+                    } else {
+                        shorten(&text(&l["reason"]), 48)
+                    },
                     if l["alert"] == true { "ALERT" } else { "" }.into(),
                 ]
             })
@@ -548,6 +561,25 @@ impl<'a> Story<'a> {
             say.line(render(row));
         }
 
+        let signals: Vec<String> = lines
+            .iter()
+            .filter(|l| l["event"] == "signal")
+            .map(|l| text(&l["signal"]))
+            .collect();
+        if !signals.is_empty() {
+            say.line("");
+            say.line(format_args!(
+                "   The detectors raised {} signal line(s) ({}); replay them: eastwall audit detect {}",
+                signals.len(),
+                {
+                    let mut names = signals.clone();
+                    names.sort();
+                    names.dedup();
+                    names.join(", ")
+                },
+                self.log.display()
+            ));
+        }
         let report = crate::audit::verify(&self.log)?;
         say.line("");
         say.line(format_args!(
