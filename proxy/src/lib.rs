@@ -17,7 +17,7 @@
 //! - [`relay`]: the byte pipe after admission.
 //! - [`cancel`]: the proxy's cancel keys and their upstream mapping.
 //! - [`audit`]: the hash-chained, fsync'd decision log; [`ocsf`]: its lines as OCSF 1.3.0
-//!   events; [`ocsf_sink`]: the live `[audit] ocsf` file of them.
+//!   events; [`ocsf_sink`]: the live `[audit] ocsf` file of them; [`report`]: its HTML report page.
 //! - [`metrics`]: Prometheus metrics; [`admin`]: the plain-HTTP `/healthz`, `/readyz`,
 //!   `/metrics` listener.
 //! - [`reload`]: eastwall.toml and the policy reloaded, live sessions re-judged.
@@ -56,6 +56,7 @@ pub mod refusals;
 pub mod registry;
 pub mod relay;
 pub mod reload;
+pub mod report;
 pub mod server;
 pub mod session;
 pub mod sidecar;

@@ -1,4 +1,4 @@
-//! `eastwall audit`: checks the decision log's hash chain; runs the detectors over a verified log and converts one to OCSF.
+//! `eastwall audit`: checks the decision log's hash chain; runs the detectors over a verified log converts one to OCSF or to an HTML report.
 
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -65,6 +65,24 @@ pub enum Command {
         #[arg(long, requires = "out")]
         force: bool,
     },
+    /// Write one self-contained HTML page about a decision log: who reached which database
+    /// and role, the signals the detectors find (and any already logged), the top talkers.
+    ///
+    /// Checks the chain first, as `verify` does: a broken chain prints FILE:LINE and exits 1
+    /// with no page. The page loads nothing and runs no script; every string from the log
+    /// is escaped, and it stays small however large the log (the busiest nodes and edges,
+    /// then "N more not shown").
+    Report {
+        /// The decision log; several for a rotated log, oldest first.
+        #[arg(required = true, num_args = 1..)]
+        files: Vec<PathBuf>,
+        /// Where to write the page.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Replace --out if it exists.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -77,6 +95,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             json,
         } => detect(files, config, state, json),
         Command::Ocsf { files, out, force } => ocsf(&files, out.as_deref(), force),
+        Command::Report { files, out, force } => report(&files, &out, force),
     }
 }
 
@@ -335,5 +354,89 @@ fn refuse_out(files: &[PathBuf], out: &Path, force: bool) -> anyhow::Result<()> 
             out.display()
         );
     }
+    Ok(())
+}
+
+/// `audit report`: verify, replay the detectors over the verified lines, write the page
+/// atomically (0644; an existing OUT only with --force, a log being read never).
+fn report(files: &[PathBuf], out: &Path, force: bool) -> anyhow::Result<()> {
+    refuse_out(files, out, force)?;
+    let reports = check_chain(files)?;
+    let mut detectors = eastwall_detect::Detectors::new(eastwall_detect::Settings::default())?;
+    let mut page = crate::report::Report::new();
+    for (file, verified) in files.iter().zip(&reports) {
+        let expected = verified.lines;
+        // One read that verifies and feeds: the page is of exactly the lines verified.
+        let walked = audit::verify_each(file, |n, line| {
+            if n > expected {
+                return; // appended since the first pass (a live log): the next report's
+            }
+            let value = serde_json::from_slice(line).unwrap_or(serde_json::Value::Null);
+            for signal in detectors.observe_line(&value) {
+                page.signal(&signal);
+            }
+            page.line(&value);
+        });
+        let unchanged = match &walked {
+            Ok(again) => again.first_prev == verified.first_prev && again.lines >= expected,
+            Err(VerifyError::Line { line, .. }) => *line > expected,
+            Err(VerifyError::Io { .. }) => false,
+        };
+        if !unchanged {
+            let why = walked.err().map_or_else(
+                || "its lines are not the ones verified".to_owned(),
+                |e| e.to_string(),
+            );
+            eprintln!(
+                "{}: changed while the report was read ({why}); no page written",
+                file.display()
+            );
+            std::process::exit(1)
+        }
+    }
+    let last = reports
+        .last()
+        .map(|r| r.last_hash.as_str())
+        .unwrap_or(audit::GENESIS);
+    let header = crate::report::Header {
+        files: files.iter().map(|f| f.display().to_string()).collect(),
+        chain: format!("verified: intact, last hash {last}"),
+    };
+    let html = page.render(&header);
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".eastwall-report-")
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+    // Readable by others whatever the umask: a report is meant to be shared.
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(0o644))
+        .and_then(|()| tmp.write_all(html.as_bytes()))
+        .and_then(|()| tmp.as_file().sync_all())
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    // Without --force, a file that appeared since refuse_out is still not replaced.
+    let placed = if force {
+        tmp.persist(out).map(drop)
+    } else {
+        tmp.persist_noclobber(out).map(drop)
+    };
+    placed.map_err(|e| match e.error.kind() {
+        std::io::ErrorKind::AlreadyExists => {
+            anyhow::anyhow!(
+                "{} already exists; pass --force to replace it",
+                out.display()
+            )
+        }
+        _ => anyhow::Error::from(e.error).context(format!("cannot write {}", out.display())),
+    })?;
+    outln!(
+        "wrote {}: {} lines, {} signals",
+        out.display(),
+        page.lines(),
+        page.signals()
+    );
     Ok(())
 }
