@@ -22,8 +22,10 @@ pub const MAX_SIGNALS_KEPT: usize = 5_000;
 pub const MAX_KEYS: usize = 250_000;
 /// Longest string kept from a line, in characters (the log itself caps fields at 1 KiB).
 const KEPT_CHARS: usize = 160;
-/// Longest label drawn in the graph or on the timeline; the full text is in its tooltip.
+/// Longest short text (a signal's name or kind, a count) shown; the full text is in a tooltip.
 const LABEL_CHARS: usize = 40;
+/// Longest node label in the graph, cut in the middle; the full text is in its tooltip.
+const NODE_CHARS: usize = 46;
 /// Items of each evidence list shown per signal.
 const EVIDENCE_ITEMS: usize = 12;
 /// Timeline rows: the five known signals and other names by count; the rest share `other`.
@@ -313,7 +315,7 @@ impl Report {
         edges.sort_by_key(|e| (e.2.draw_order(), std::cmp::Reverse(e.3)));
 
         const W: usize = 1200;
-        const BOX_W: usize = 340;
+        const BOX_W: usize = 380;
         const ROW: usize = 28;
         const TOP: usize = 44;
         let (lx, rx) = (10, W - 10 - BOX_W);
@@ -369,7 +371,7 @@ impl Report {
                     tx = x + 8,
                     ty = y + 15,
                     nx = x + BOX_W - 8,
-                    label = Middle(key, LABEL_CHARS),
+                    label = Middle(key, NODE_CHARS),
                 );
             }
         }
