@@ -82,6 +82,12 @@ pub enum Command {
         /// Replace --out if it exists.
         #[arg(long)]
         force: bool,
+        /// eastwall.toml whose [detect] settings the replay uses (default: the detectors' defaults).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// A detector state file to start the replay from; never written.
+        #[arg(long)]
+        state: Option<PathBuf>,
     },
 }
 
@@ -95,7 +101,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             json,
         } => detect(files, config, state, json),
         Command::Ocsf { files, out, force } => ocsf(&files, out.as_deref(), force),
-        Command::Report { files, out, force } => report(&files, &out, force),
+        Command::Report {
+            files,
+            out,
+            force,
+            config,
+            state,
+        } => {
+            let detectors = replay_detectors(config.as_deref(), state.as_deref())?;
+            report(&files, &out, force, detectors)
+        }
     }
 }
 
@@ -105,17 +120,7 @@ fn detect(
     state: Option<PathBuf>,
     json: bool,
 ) -> anyhow::Result<()> {
-    let tuning = match &config {
-        Some(path) => eastwall_config::Settings::load(path)?.detect.tuning,
-        None => eastwall_detect::Settings::default(),
-    };
-    let saved = match &state {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read the detector state {}", path.display()))?,
-        ),
-        None => None,
-    };
+    let (tuning, saved) = replay_start(config.as_deref(), state.as_deref())?;
     let counts: Vec<usize> = check_chain(&files)?.iter().map(|r| r.lines).collect();
     let replay = crate::detect_replay::replay(&files, &counts, tuning, saved.as_deref())?;
     for signal in &replay.signals {
@@ -357,12 +362,47 @@ fn refuse_out(files: &[PathBuf], out: &Path, force: bool) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// The tuning (`--config`'s [detect], else the defaults) and saved state (`--state`) a
+/// replay starts from, as the sidecar would.
+fn replay_start(
+    config: Option<&Path>,
+    state: Option<&Path>,
+) -> anyhow::Result<(eastwall_detect::Settings, Option<String>)> {
+    let tuning = match config {
+        Some(path) => eastwall_config::Settings::load(path)?.detect.tuning,
+        None => eastwall_detect::Settings::default(),
+    };
+    let saved = match state {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the detector state {}", path.display()))?,
+        ),
+        None => None,
+    };
+    Ok((tuning, saved))
+}
+
+fn replay_detectors(
+    config: Option<&Path>,
+    state: Option<&Path>,
+) -> anyhow::Result<eastwall_detect::Detectors> {
+    let (tuning, saved) = replay_start(config, state)?;
+    Ok(match saved {
+        Some(text) => eastwall_detect::Detectors::restore(tuning, &text)?,
+        None => eastwall_detect::Detectors::new(tuning)?,
+    })
+}
+
 /// `audit report`: verify, replay the detectors over the verified lines, write the page
 /// atomically (0644; an existing OUT only with --force, a log being read never).
-fn report(files: &[PathBuf], out: &Path, force: bool) -> anyhow::Result<()> {
+fn report(
+    files: &[PathBuf],
+    out: &Path,
+    force: bool,
+    mut detectors: eastwall_detect::Detectors,
+) -> anyhow::Result<()> {
     refuse_out(files, out, force)?;
     let reports = check_chain(files)?;
-    let mut detectors = eastwall_detect::Detectors::new(eastwall_detect::Settings::default())?;
     let mut page = crate::report::Report::new();
     for (file, verified) in files.iter().zip(&reports) {
         let expected = verified.lines;
