@@ -167,6 +167,12 @@ fn refused_cert(
         .failures
         .entry(format!("{kind}|{source}"), Failures::default);
     let attempts = note_times(&mut tally.times, cx, n);
+    // A revoked certificate is one of ours: the CRL is consulted only after the chain to our
+    // CA verified. "Expired" is said before the issuer is looked at, so anyone can make one
+    // with a certificate of their own: it takes `brute_force.count` within its window.
+    if kind == "expired_cert_retry" && attempts < u64::from(cx.settings.brute_force.count) {
+        return;
+    }
     let since = tally.times.first().copied().unwrap_or(cx.now);
     let mut signal = single(cx, e, kind, &format!("source {source}"));
     signal.evidence = signal

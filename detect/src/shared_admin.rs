@@ -1,7 +1,10 @@
 //! `shared_admin` (local admin reuse): one privileged role used by several identities, or from several hosts, within a window.
 //!
-//! Every attempt on the role counts, refused ones included: three identities trying
-//! `postgres` within the hour is the pattern whether or not the policy let them in.
+//! Every attempt on the role by a proven identity counts, refused ones included: three
+//! identities trying `postgres` within the hour is the pattern whether or not the policy let
+//! them in. A line without a proven identity (a plaintext or refused-handshake attempt, whose
+//! role name anyone can type) never counts: otherwise anyone could raise the signal, or hold
+//! its de-duplication slot for an hour so that the real pattern went unreported.
 
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +39,9 @@ pub(crate) fn observe(state: &mut crate::State, cx: &Context, e: &Event, out: &m
     let Some(role) = e.db_user.as_deref() else {
         return;
     };
+    if e.identity().is_none() {
+        return;
+    }
     let t = cx.settings.shared_admin;
     // A few more than the threshold, so the evidence shows who else, not only the count.
     let limit = t.count as usize + 8;

@@ -119,3 +119,43 @@ fn scrambled_lines_never_panic() {
     }
     assert!(d.state().largest_table() <= d.settings().max_keys);
 }
+
+/// An attacker with no certificate types `user=postgres` from three addresses, or presents a
+/// self-made expired certificate once: neither may raise a signal (with `lock_on`, a lock)
+/// nor hold the real signal's de-duplication slot.
+#[test]
+fn unauthenticated_lines_raise_no_role_signal_and_one_expired_certificate_is_no_pattern() {
+    let mut sim = Sim::new();
+    for (i, ip) in ["10.9.0.1", "10.9.0.2", "10.9.0.3", "10.9.0.4"]
+        .iter()
+        .enumerate()
+    {
+        let mut l = refused(t(0, 3, i as i64), ip, "no_tls");
+        l["db_user"] = serde_json::json!("postgres");
+        l["database"] = serde_json::json!("postgres");
+        sim.feed([l]);
+    }
+    sim.feed([refused(t(0, 3, 10), "10.9.0.9", "expired")]);
+    assert!(sim.signals.is_empty(), "{:#?}", sim.signals);
+    // The real pattern is still seen: three proven identities on postgres within the hour.
+    for (i, id) in ["app/a", "app/b", "app/c"].iter().enumerate() {
+        let w = who(id, &format!("s{i}"), &format!("10.1.0.{i}"));
+        sim.feed([connect(
+            t(0, 3, 20 + i as i64),
+            &w,
+            "postgres",
+            "postgres",
+            false,
+        )]);
+    }
+    assert_eq!(sim.named("shared_admin").len(), 1, "{:#?}", sim.signals);
+    // Expired certificates from one address, repeatedly: that is a pattern.
+    for i in 0..5 {
+        sim.feed([refused(t(0, 4, i), "10.9.0.9", "expired")]);
+    }
+    assert!(
+        sim.signals.iter().any(|s| s.kind == "expired_cert_retry"),
+        "{:#?}",
+        sim.signals
+    );
+}

@@ -65,6 +65,7 @@ pub enum DetectError {
 /// The running detectors: stop them to drain their queue and save their state.
 pub struct Detection {
     thread: crate::tap_thread::TapThread,
+    started: Entry,
 }
 
 impl Detection {
@@ -79,7 +80,36 @@ impl Detection {
         if !cfg.enabled {
             return Ok(None);
         }
-        let detectors = load_state(cfg)?;
+        if same_place(&cfg.state_file, audit.path()) {
+            return Err(DetectError::State {
+                path: cfg.state_file.clone(),
+                why: "it is the decision log itself; a save would replace the log".into(),
+            });
+        }
+        let (detectors, restored) = load_state_hashed(cfg)?;
+        // A fresh start beside a log that already has lines is what a removed state file
+        // looks like: say so in the chained log, as an alert, rather than learn in silence.
+        let log_had_lines = std::fs::metadata(audit.path()).is_ok_and(|m| m.len() > 0);
+        let mut started = Entry {
+            conn_id: crate::identity::new_conn_id(),
+            event: "detect_start",
+            reason: if restored.is_some() {
+                "restored".into()
+            } else {
+                "fresh".into()
+            },
+            alert: restored.is_none() && log_had_lines,
+            ..Entry::default()
+        };
+        started.extra.insert(
+            "state_file".into(),
+            cfg.state_file.display().to_string().into(),
+        );
+        if let Some(hash) = &restored {
+            started
+                .extra
+                .insert("state_sha256".into(), hash.clone().into());
+        }
         let tap = audit.tap(QUEUE_BATCHES);
         let worker = Worker {
             detectors,
@@ -97,7 +127,15 @@ impl Detection {
             worker.run(rt, tap, stopped)
         })
         .map_err(DetectError::Spawn)?;
-        Ok(Some(Detection { thread }))
+        Ok(Some(Detection { thread, started }))
+    }
+
+    /// The `detect_start` line (alert) the sidecar writes before serving when the detectors
+    /// start afresh beside a log that already has lines; None otherwise (a first start, or
+    /// a restored state: both only traced).
+    pub fn start_entry(&self) -> Option<Entry> {
+        tracing::info!(state = %self.started.reason, "detectors started");
+        self.started.alert.then(|| self.started.clone())
     }
 
     /// Judges what is queued, saves the state and stops (bounded by [`STOP_WAIT`]).
@@ -247,18 +285,32 @@ pub fn signal_entry(trigger: &Value, signal: &Signal) -> Entry {
     }
 }
 
-/// What an automatic lock holds back: the signal's subject.
+/// Most automatic locks in force at once: a pattern an attacker can provoke from many
+/// addresses must not fill the lock file (and its 10,000 cap) that operators rely on.
+pub const MAX_AUTOMATIC_LOCKS: usize = 256;
+
+/// What an automatic lock holds back: the signal's subject. Never a role (`shared_admin`'s
+/// subject): that would lock out every legitimate user of it, which only an operator may
+/// decide. An IPv6 source is locked as its /64, the unit one host controls.
 pub fn lock_target(signal: &Signal, td: &TrustDomain) -> Result<Target, locks::LockError> {
     let subject = signal.subject.as_str();
     if let Some(source) = subject.strip_prefix("source ") {
-        let bits = if source.contains(':') { 128 } else { 32 };
-        Target::source(&format!("{source}/{bits}"))
+        match source.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(v4)) => Target::source(&format!("{v4}/32")),
+            Ok(std::net::IpAddr::V6(v6)) => {
+                let net = u128::from(v6) & !((1u128 << 64) - 1);
+                Target::source(&format!("{}/64", std::net::Ipv6Addr::from(net)))
+            }
+            Err(_) => Target::source(source),
+        }
     } else if let Some(serial) = subject.strip_prefix("certificate ") {
         Target::serial(serial)
     } else if subject.starts_with("spiffe://") {
         Target::id(subject, td)
     } else {
-        Target::role(subject)
+        Err(locks::LockError::Target(format!(
+            "{subject:?}: automatic locks never lock a role; lock the identities named in the signal by hand if that is what you want"
+        )))
     }
 }
 
@@ -282,11 +334,47 @@ pub fn place_lock(
         if set.active(now).any(|l| l.target == target) {
             return Ok((all, None));
         }
+        let automatic = set
+            .active(now)
+            .filter(|l| l.created_by == LOCK_CREATOR)
+            .count();
+        if automatic >= MAX_AUTOMATIC_LOCKS {
+            return Err(locks::LockError::Target(format!(
+                "{MAX_AUTOMATIC_LOCKS} automatic locks are already in force; no more are placed until some expire"
+            )));
+        }
         let lock = Lock::new(target, Some(ttl), message, LOCK_CREATOR.into(), now, set)?;
         let id = lock.id.clone();
         all.push(lock);
         Ok((all, Some(id)))
     })
+}
+
+/// Whether two paths name the same place once `..` and links in their folders are resolved
+/// (`sub/../decisions.log` is `decisions.log`).
+pub fn same_place(a: &Path, b: &Path) -> bool {
+    let place = |p: &Path| {
+        let dir = p
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        Some(std::fs::canonicalize(dir).ok()?.join(p.file_name()?))
+    };
+    matches!((place(a), place(b)), (Some(x), Some(y)) if x == y)
+}
+
+/// [`load_state`], and the SHA-256 of the state it restored (None: a fresh start).
+fn load_state_hashed(cfg: &DetectSettings) -> Result<(Detectors, Option<String>), DetectError> {
+    let existed = std::fs::symlink_metadata(&cfg.state_file).is_ok();
+    let detectors = load_state(cfg)?;
+    let hash = existed
+        .then(|| std::fs::read(&cfg.state_file).ok())
+        .flatten()
+        .map(|bytes| {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(&bytes))
+        });
+    Ok((detectors, hash))
 }
 
 /// The saved state, or fresh detectors when there is none.
@@ -443,6 +531,16 @@ mod tests {
     }
 
     #[test]
+    fn a_state_file_spelled_through_dot_dot_is_still_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let log = dir.path().join("decisions.log");
+        std::fs::write(&log, "").unwrap();
+        assert!(same_place(&dir.path().join("sub/../decisions.log"), &log));
+        assert!(!same_place(&dir.path().join("sub/decisions.log"), &log));
+    }
+
+    #[test]
     fn a_save_replaces_the_file_whole() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.json");
@@ -457,13 +555,14 @@ mod tests {
         let td = TrustDomain::parse("corp.example").unwrap();
         let t = |s| lock_target(&signal(Name::FanOut, s), &td);
         assert_eq!(t("source 10.9.0.9").unwrap().value(), "10.9.0.9/32");
-        assert_eq!(t("source fd00::7").unwrap().value(), "fd00::7/128");
+        assert_eq!(t("source fd00::7:1:2:3").unwrap().value(), "fd00::/64");
         assert_eq!(t("certificate 0a1b").unwrap().kind(), "serial");
         assert_eq!(
             t("spiffe://corp.example/app/billing").unwrap().kind(),
             "spiffe_id"
         );
-        assert_eq!(t("postgres").unwrap().kind(), "role");
+        // A role is never locked automatically: it would lock out its every legitimate user.
+        assert!(t("postgres").is_err());
         // A subject outside our trust domain, or one no target can be, places no lock.
         assert!(t("spiffe://evil.example/x").is_err());
         assert!(t("source not-an-address").is_err());

@@ -19,7 +19,11 @@ pub const LOG_EVERY: Duration = Duration::from_secs(24 * 3600);
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Expiries {
     pub proxy: Option<SystemTime>,
+    /// The earliest notAfter in the trust bundle (the metric, and the warning).
     pub ca: Option<SystemTime>,
+    /// The latest: only when it has passed does no client verify any more. During a CA
+    /// rollover the old root expires beside the new one, and that is no outage.
+    pub ca_latest: Option<SystemTime>,
     pub crl: Option<SystemTime>,
 }
 
@@ -37,9 +41,11 @@ impl Expiries {
     /// Reads the proxy's certificate and the CA bundle; the CRL's date comes from the
     /// verified CRLs in force.
     pub fn read(cert: &Path, client_ca: &Path, crl_next: Option<SystemTime>) -> Expiries {
+        let cas = not_afters(client_ca);
         Expiries {
             proxy: not_afters(cert).into_iter().next(),
-            ca: not_afters(client_ca).into_iter().min(),
+            ca: cas.iter().copied().min(),
+            ca_latest: cas.iter().copied().max(),
             crl: crl_next,
         }
     }
@@ -72,6 +78,17 @@ impl Expiries {
         ] {
             let Some(at) = at else { continue };
             let when = humantime::format_rfc3339_seconds(at);
+            if cert == "ca" && at <= now && self.ca_latest.is_some_and(|l| l > now) {
+                out.push(Judged {
+                    level: Level::Warning,
+                    cert,
+                    at,
+                    message: format!(
+                        "{what} expired at {when}; the bundle's other CA certificates still verify: remove it once nothing it issued is in use"
+                    ),
+                });
+                continue;
+            }
             if at <= now {
                 out.push(Judged {
                     level: Level::Error,
@@ -119,6 +136,7 @@ mod tests {
         let e = Expiries {
             proxy: Some(now + 6 * day),
             ca: Some(now + 60 * day),
+            ca_latest: Some(now + 60 * day),
             crl: Some(now - Duration::from_secs(1)),
         };
         let j = e.judge(now);
@@ -130,9 +148,24 @@ mod tests {
         let quiet = Expiries {
             proxy: Some(now + 8 * day),
             ca: Some(now + 31 * day),
+            ca_latest: Some(now + 31 * day),
             crl: Some(now + 3 * day),
         };
         assert!(quiet.judge(now).is_empty());
+        // A rollover: the old root has expired, the new one verifies. A warning, not an outage.
+        let rollover = Expiries {
+            ca: Some(now - day),
+            ca_latest: Some(now + 300 * day),
+            ..quiet
+        };
+        let j = rollover.judge(now);
+        assert_eq!((j[0].cert, j[0].level), ("ca", Level::Warning), "{j:#?}");
+        let all_gone = Expiries {
+            ca: Some(now - 2 * day),
+            ca_latest: Some(now - day),
+            ..quiet
+        };
+        assert_eq!(all_gone.judge(now)[0].level, Level::Error);
         assert!(Expiries::default().judge(now).is_empty());
     }
 }

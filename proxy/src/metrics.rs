@@ -664,6 +664,7 @@ mod tests {
         m.set_expiry(&crate::expiry::Expiries {
             proxy: Some(at),
             ca: Some(at + Duration::from_secs(5)),
+            ca_latest: Some(at + Duration::from_secs(5)),
             crl: None,
         });
         let text = m.encode(0);

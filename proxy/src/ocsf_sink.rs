@@ -47,10 +47,32 @@ impl OcsfSink {
         audit: &AuditLog,
         metrics: Arc<Metrics>,
     ) -> Result<OcsfSink, OcsfSinkError> {
+        let refuse = |why: &str| OcsfSinkError {
+            path: path.to_owned(),
+            source: std::io::Error::other(why.to_owned()),
+        };
+        if crate::detection::same_place(path, audit.path()) {
+            return Err(refuse("it is the decision log itself"));
+        }
         let file = open(path).map_err(|source| OcsfSinkError {
             path: path.to_owned(),
             source,
         })?;
+        let meta = file.metadata().map_err(|source| OcsfSinkError {
+            path: path.to_owned(),
+            source,
+        })?;
+        if !meta.is_file() {
+            return Err(refuse("not a regular file"));
+        }
+        {
+            use std::os::unix::fs::MetadataExt;
+            if meta.mode() & 0o077 != 0 {
+                return Err(refuse(
+                    "group or others may read or write it, and it holds every identity and address the log does; chmod 600 it",
+                ));
+            }
+        }
         let tap = audit.tap(QUEUE_BATCHES);
         let owned = path.to_owned();
         let thread = crate::tap_thread::TapThread::spawn("eastwall-ocsf", move |rt, stopped| {
@@ -72,11 +94,13 @@ impl OcsfSink {
 }
 
 fn open(path: &Path) -> std::io::Result<File> {
+    // O_NONBLOCK: a FIFO planted at the path fails (no reader) instead of hanging the start;
+    // on a regular file it changes nothing.
     OpenOptions::new()
         .append(true)
         .create(true)
         .mode(0o600)
-        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .custom_flags((nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK).bits())
         .open(path)
 }
 
@@ -140,6 +164,34 @@ fn write(path: &Path, file: &mut File, batch: &[u8], out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_existing_file_others_may_read_a_fifo_or_the_log_itself_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(&dir.path().join("decisions.log")).await.unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let path = dir.path().join("decisions.ocsf.jsonl");
+        std::fs::write(&path, "").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = OcsfSink::start(&path, &log, metrics.clone()).err().unwrap();
+        assert!(err.to_string().contains("group or others may read"), "{err}");
+        std::fs::remove_file(&path).unwrap();
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // Must fail at once, not wait for a reader.
+        let err = tokio::time::timeout(
+            Duration::from_secs(5),
+            async { OcsfSink::start(&path, &log, metrics.clone()).err() },
+        )
+        .await
+        .expect("a FIFO must not hang the start")
+        .unwrap();
+        assert!(!err.to_string().is_empty());
+        let same = dir.path().join("sub/../decisions.log");
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let err = OcsfSink::start(&same, &log, metrics).err().unwrap();
+        assert!(err.to_string().contains("decision log itself"), "{err}");
+    }
 
     #[test]
     fn a_link_planted_at_the_path_is_refused_and_a_new_file_is_private() {

@@ -261,6 +261,11 @@ fn client_ca(
             return None;
         }
     };
+    let before = r.findings.len();
+    let any_valid = certs
+        .iter()
+        .filter_map(|der| validity(der))
+        .any(|(at, _)| at > now);
     for (i, der) in certs.iter().enumerate() {
         match validity(der) {
             Some((at, _)) => expiry(
@@ -273,6 +278,14 @@ fn client_ca(
                 "roll the CA over: put the new root beside the old one in the bundle, then re-issue (docs/production.md)",
             ),
             None => r.push(Level::Error, &what, format!("certificate {} is not X.509", i + 1)),
+        }
+    }
+    if any_valid {
+        // A rollover: an old root expired beside one that verifies. Not an outage.
+        for f in &mut r.findings[before..] {
+            if f.level == Level::Error && f.message.contains("expired at") {
+                f.level = Level::Warning;
+            }
         }
     }
     Some(certs)
@@ -310,14 +323,23 @@ fn writable_folder(r: &mut Report, key: &str, path: &Path) {
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     if !dir.exists() {
-        return r.push(
-            Level::Warning,
-            what,
-            format!(
-                "its folder {} does not exist; the sidecar will create it",
-                shown(dir)
-            ),
-        );
+        // Only the decision log's folder is made at start; the others must exist.
+        return if key == "audit.path" || key == "mfa.token_key" {
+            r.push(
+                Level::Warning,
+                what,
+                format!(
+                    "its folder {} does not exist; the sidecar will create it (0700)",
+                    shown(dir)
+                ),
+            )
+        } else {
+            r.push(
+                Level::Error,
+                what,
+                format!("its folder {} does not exist; create it", shown(dir)),
+            )
+        };
     }
     match tempfile::Builder::new()
         .prefix(".eastwall-check")
@@ -364,8 +386,12 @@ fn locks(r: &mut Report, settings: &Settings, now: SystemTime) {
 
 fn detector_state(r: &mut Report, settings: &Settings) {
     let cfg = &settings.detect;
-    if !cfg.enabled || !cfg.state_file.exists() {
+    if !cfg.enabled {
         return;
+    }
+    // A dangling link exists too: the sidecar refuses it, so check must not skip it.
+    if std::fs::symlink_metadata(&cfg.state_file).is_err() {
+        return writable_folder(r, "detect.state_file", &cfg.state_file);
     }
     let what = format!("detect.state_file {}", shown(&cfg.state_file));
     match crate::detection::load_state(cfg) {

@@ -157,6 +157,10 @@ pub async fn prepare(config: Config) -> Result<Sidecar, StartError> {
     let audit = AuditLog::open(&settings.audit.path).await?;
     audit.observe(metrics.clone());
     let detection = crate::detection::Detection::start(&settings, &audit, metrics.clone())?;
+    if let Some(entry) = detection.as_ref().and_then(|d| d.start_entry()) {
+        tracing::warn!("the detectors start afresh although the decision log has lines: was the state file removed? new_flow is silent until learning ends");
+        audit.record(entry).await?;
+    }
     let ocsf = match &settings.audit.ocsf {
         Some(path) => Some(crate::ocsf_sink::OcsfSink::start(
             path,

@@ -390,8 +390,28 @@ async fn the_seed_attack_raises_all_five_signals_inline_and_offline_alike() -> a
         seen,
         "the restarted sidecar did not continue from its saved state"
     );
+    let log_path = layout.dir.join("decisions.log");
+    let lines = eastwall_e2e::sidecar::read_decisions(&log_path)?;
+    assert!(
+        !lines.iter().any(|l| l["event"] == "detect_start"),
+        "a restored state is no alert"
+    );
     drop(c);
     restarted.shutdown().await;
+    // The attack on the baseline: the state file removed. The next start says so, as an
+    // alert in the chained log, instead of learning again in silence.
+    std::fs::remove_file(&state)?;
+    let again = eastwall::server::start(eastwall_config::Config::load(&layout.config)?).await?;
+    let lines = eastwall_e2e::sidecar::read_decisions(&log_path)?;
+    let start = lines
+        .iter()
+        .find(|l| l["event"] == "detect_start")
+        .context("a detect_start line")?;
+    assert_eq!(
+        (start["reason"].as_str(), start["alert"].as_bool()),
+        (Some("fresh"), Some(true))
+    );
+    again.shutdown().await;
     drop((cluster, dir));
     Ok(())
 }

@@ -96,8 +96,16 @@ impl SecretStore {
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
-        let raw: BTreeMap<String, EntryFile> =
-            serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        // serde's message quotes the offending value, which here may be a TOTP secret: only
+        // where it is, and what kind of mistake, is said.
+        let raw: BTreeMap<String, EntryFile> = serde_json::from_str(text).map_err(|e| {
+            bad(format!(
+                "not the expected JSON ({:?} error) at line {} column {}",
+                e.classify(),
+                e.line(),
+                e.column()
+            ))
+        })?;
         let mut entries = BTreeMap::new();
         for (key, entry) in raw {
             let id = SpiffeId::parse(&key).map_err(|e| bad(format!("key {key:?}: {e}")))?;
@@ -352,7 +360,12 @@ mod tests {
         let path = dir.path().join("mfa.json");
         assert!(SecretStore::load(&path).unwrap().list().is_empty());
         for (text, needle) in [
-            ("{", "EOF"),
+            ("{", "Eof"),
+            // A secret where an entry belongs: the error must say where, never the secret.
+            (
+                r#"{"spiffe://td/a":"JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"}"#,
+                "line 1 column",
+            ),
             (
                 r#"{"not-an-id":{"secret_b32":"AAAA","enrolled_at":"2024-01-01T00:00:00Z"}}"#,
                 "not-an-id",
@@ -370,6 +383,7 @@ mod tests {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
             let err = SecretStore::load(&path).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: {err}");
+            assert!(!err.contains("JBSWY3DP"), "the secret leaked: {err}");
         }
     }
 }
