@@ -169,20 +169,24 @@ mod tests {
     async fn an_existing_file_others_may_read_a_fifo_or_the_log_itself_is_refused() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::open(&dir.path().join("decisions.log")).await.unwrap();
+        let log = AuditLog::open(&dir.path().join("decisions.log"))
+            .await
+            .unwrap();
         let metrics = Arc::new(Metrics::new());
         let path = dir.path().join("decisions.ocsf.jsonl");
         std::fs::write(&path, "").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = OcsfSink::start(&path, &log, metrics.clone()).err().unwrap();
-        assert!(err.to_string().contains("group or others may read"), "{err}");
+        assert!(
+            err.to_string().contains("group or others may read"),
+            "{err}"
+        );
         std::fs::remove_file(&path).unwrap();
         nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         // Must fail at once, not wait for a reader.
-        let err = tokio::time::timeout(
-            Duration::from_secs(5),
-            async { OcsfSink::start(&path, &log, metrics.clone()).err() },
-        )
+        let err = tokio::time::timeout(Duration::from_secs(5), async {
+            OcsfSink::start(&path, &log, metrics.clone()).err()
+        })
         .await
         .expect("a FIFO must not hang the start")
         .unwrap();
