@@ -16,7 +16,8 @@
 //! - [`upstream`]: the proxy's own login to PostgreSQL (trust, SCRAM, cert).
 //! - [`relay`]: the byte pipe after admission; [`statement_audit`]: what an audited session's
 //!   statements were and how they ended, followed as its bytes pass (pure);
-//!   [`statement_log`]: their decision-log lines, and the relay's wait for them.
+//!   [`statement_log`]: their decision-log lines, and the relay's wait for them;
+//!   [`transcript`]: those lines as a readable session (`eastwall audit sessions`).
 //! - [`cancel`]: the proxy's cancel keys and their upstream mapping.
 //! - [`audit`]: the hash-chained, fsync'd decision log; [`ocsf`]: its lines as OCSF 1.3.0
 //!   events; [`ocsf_sink`]: the live `[audit] ocsf` file of them.
@@ -68,4 +69,5 @@ pub mod statement_log;
 pub mod stepup;
 pub mod tap_thread;
 pub mod tls;
+pub mod transcript;
 pub mod upstream;
