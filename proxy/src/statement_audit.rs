@@ -465,6 +465,9 @@ enum Expect {
     Function {
         seq: u64,
     },
+    /// The client's CopyDone or CopyFail: no answer of its own, it marks where a COPY's data
+    /// ended in the client's stream (see `copy_in_started`).
+    CopyEnd,
 }
 
 /// Names PostgreSQL confirmed, each with what it stands for; bounded, oldest forgotten.
@@ -506,6 +509,9 @@ pub struct StatementAudit {
     expect: VecDeque<Expect>,
     /// After an error in the extended protocol PostgreSQL ignores everything up to Sync.
     skipping: bool,
+    /// The server is in COPY FROM STDIN and the client has not ended its data yet: PostgreSQL
+    /// ignores Sync (and Flush) meanwhile, so a Sync sent now gets no ReadyForQuery.
+    client_in_copy: bool,
     /// Confirmed prepared statements: name → seq of their Parse.
     statements: Names<u64>,
     /// Confirmed portals: name → (seq of their statement, parameter values bound).
@@ -649,9 +655,14 @@ impl StatementAudit {
                 statement: walk.int(0) == Some(i64::from(b'S')),
                 name: tracked(walk.str(0)),
             }),
+            b'S' if self.client_in_copy => None,
             b'S' => {
                 self.skipping = false;
                 Some(Expect::Sync)
+            }
+            b'c' | b'f' => {
+                self.client_in_copy = false;
+                Some(Expect::CopyEnd)
             }
             b'F' => {
                 gate = true;
@@ -673,7 +684,7 @@ impl StatementAudit {
         };
         // While PostgreSQL skips to Sync it answers nothing but the Sync.
         if let Some(expect) = expect {
-            if !self.skipping || matches!(expect, Expect::Sync) {
+            if !self.skipping || matches!(expect, Expect::Sync | Expect::CopyEnd) {
                 if self.expect.len() >= MAX_IN_FLIGHT {
                     self.lost.get_or_insert(Lost::TooManyInFlight);
                 } else {
@@ -731,6 +742,9 @@ impl StatementAudit {
     fn server_message(&mut self) {
         let tag = self.server.tag;
         let walk = self.server.walk.take();
+        while let Some(Expect::CopyEnd) = self.expect.front() {
+            self.expect.pop_front();
+        }
         match tag {
             // Asynchronous: notices, parameter changes, notifications. Rows: counted by the tag.
             b'N' | b'S' | b'A' | b'D' | b'd' | b'c' => {}
@@ -789,7 +803,10 @@ impl StatementAudit {
                 };
                 match self.expect.front_mut() {
                     Some(Expect::Query { copy, .. } | Expect::Execute { copy, .. }) => {
-                        *copy = Some(direction)
+                        *copy = Some(direction);
+                        if direction != CopyDirection::Out {
+                            self.copy_in_started();
+                        }
                     }
                     _ => self.unexpected(tag),
                 }
@@ -825,6 +842,23 @@ impl StatementAudit {
             },
             _ => {}
         }
+    }
+
+    /// PostgreSQL reads the client's COPY data now and ignores the Syncs among it (libpq and
+    /// tokio-postgres send one with the Execute, before they know it is a COPY): those the
+    /// client sent before its CopyDone get no answer, nor do those it sends until then.
+    fn copy_in_started(&mut self) {
+        let mut i = 1;
+        while i < self.expect.len() {
+            match self.expect[i] {
+                Expect::CopyEnd => return,
+                Expect::Sync => {
+                    self.expect.remove(i);
+                }
+                _ => i += 1,
+            }
+        }
+        self.client_in_copy = true;
     }
 
     /// SQL's DEALLOCATE and DISCARD ALL drop prepared statements by a name the tag does not
@@ -1232,6 +1266,71 @@ mod tests {
                 })
                 .collect();
             assert_eq!(copies, [(CopyDirection::In, 6), (CopyDirection::Out, 6)]);
+        });
+    }
+
+    /// tokio-postgres's copy_in: Bind, Execute and Sync at once, then the data, CopyDone and
+    /// another Sync. PostgreSQL ignores the first Sync inside the COPY.
+    #[test]
+    fn syncs_inside_an_extended_copy_in_are_not_answered() {
+        let client = cat(&[
+            parse("s0", "COPY t FROM STDIN", 0),
+            sync(),
+            bind("", "s0", &[]),
+            execute(""),
+            sync(),
+            msg(b'd', b"1\n2\n"),
+            msg(b'c', b""),
+            sync(),
+            query("select 1"),
+        ]);
+        let server = cat(&[
+            msg(b'1', b""),
+            ready(),
+            msg(b'2', b""),
+            msg(b'G', &[0, 0, 0]),
+            complete("COPY 2"),
+            ready(),
+            complete("SELECT 1"),
+            ready(),
+        ]);
+        // The server's answers may come before or after the client's later messages.
+        for split in [0usize, 3, 4] {
+            let server_first: Vec<u8> = cat(&[
+                msg(b'1', b""),
+                ready(),
+                msg(b'2', b""),
+                msg(b'G', &[0, 0, 0]),
+            ]);
+            let mut a = StatementAudit::new();
+            let parts = [
+                parse("s0", "COPY t FROM STDIN", 0),
+                sync(),
+                bind("", "s0", &[]),
+                execute(""),
+                sync(),
+                msg(b'd', b"1\n2\n"),
+                msg(b'c', b""),
+                sync(),
+                query("select 1"),
+            ];
+            feed_client(&mut a, &cat(&parts[..split + 5]), 1000);
+            feed_server(&mut a, &server_first, 1000);
+            feed_client(&mut a, &cat(&parts[split + 5..]), 1000);
+            feed_server(&mut a, &server[server_first.len()..], 1000);
+            assert_eq!(a.lost(), None, "split {split}");
+            let events: Vec<Event> = a.take_events().collect();
+            assert_eq!(
+                results(&events),
+                [
+                    (Some(1), None, ok("COPY 2", Some(2))),
+                    (Some(2), Some(1), ok("SELECT 1", Some(1)))
+                ],
+                "split {split}"
+            );
+        }
+        run(&client, &server, |events, _| {
+            assert_eq!(results(events).len(), 2);
         });
     }
 
