@@ -98,9 +98,9 @@ pub trait Audit {
     const ACTIVE: bool;
     /// Client bytes just read: how many of them may be passed on now. The auditor keeps the
     /// rest, and the relay reads no more client bytes until they are released.
-    fn from_client(&mut self, bytes: &[u8]) -> usize;
+    fn client_bytes(&mut self, bytes: &[u8]) -> usize;
     /// Server bytes on their way to the client (never held).
-    fn from_server(&mut self, bytes: &[u8]);
+    fn server_bytes(&mut self, bytes: &[u8]);
     /// Whether client bytes are held.
     fn holding(&self) -> bool;
     /// Once every line so far is durable, the held bytes that may be passed on now (the
@@ -119,11 +119,11 @@ pub struct NoAudit;
 impl Audit for NoAudit {
     const ACTIVE: bool = false;
     #[inline(always)]
-    fn from_client(&mut self, bytes: &[u8]) -> usize {
+    fn client_bytes(&mut self, bytes: &[u8]) -> usize {
         bytes.len()
     }
     #[inline(always)]
-    fn from_server(&mut self, _: &[u8]) {}
+    fn server_bytes(&mut self, _: &[u8]) {}
     #[inline(always)]
     fn holding(&self) -> bool {
         false
@@ -408,9 +408,9 @@ impl Pump<'_> {
                     }
                     if A::ACTIVE {
                         if FROM_CLIENT {
-                            filled = audit.from_client(&scratch[..filled]);
+                            filled = audit.client_bytes(&scratch[..filled]);
                         } else {
-                            audit.from_server(&scratch[..filled]);
+                            audit.server_bytes(&scratch[..filled]);
                         }
                     }
                     self.bytes += filled as u64;

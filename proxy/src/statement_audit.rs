@@ -782,11 +782,8 @@ impl StatementAudit {
                 _ => self.unexpected(tag),
             },
             // ParameterDescription comes first of Describe's two answers.
-            b't' => {
-                if !matches!(self.expect.front(), Some(Expect::Describe)) {
-                    self.unexpected(tag);
-                }
-            }
+            b't' if !matches!(self.expect.front(), Some(Expect::Describe)) => self.unexpected(tag),
+            b't' => {}
             b'T' | b'n' => match self.expect.front() {
                 Some(Expect::Describe) => {
                     self.expect.pop_front();

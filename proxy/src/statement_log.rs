@@ -171,7 +171,7 @@ impl Auditor {
 impl Audit for Auditor {
     const ACTIVE: bool = true;
 
-    fn from_client(&mut self, bytes: &[u8]) -> usize {
+    fn client_bytes(&mut self, bytes: &[u8]) -> usize {
         let (n, gate) = self.machine.client(bytes);
         self.queue_events();
         if !gate {
@@ -183,7 +183,7 @@ impl Audit for Auditor {
         n - 1
     }
 
-    fn from_server(&mut self, bytes: &[u8]) {
+    fn server_bytes(&mut self, bytes: &[u8]) {
         self.machine.server(bytes);
         self.queue_events();
     }

@@ -259,7 +259,7 @@ mod tests {
             json!({"ts": ts, "conn_id": "c1", "event": "statement_result", "seq": 1, "index": 2, "outcome": "error", "sqlstate": "42601"}),
             json!({"ts": ts, "conn_id": "c1", "event": "session_end", "reason": "client_closed", "duration_ms": 12}),
         ]);
-        let text = transcript(&[path.clone()], None).unwrap();
+        let text = transcript(std::slice::from_ref(&path), None).unwrap();
         assert!(
             text.starts_with(
                 "session c1 — spiffe://corp.example/app/operators/alice as alice on postgres\n"
@@ -283,7 +283,7 @@ mod tests {
             !text.contains("c2"),
             "a session without statements is not a transcript"
         );
-        let one = transcript(&[path.clone()], Some("c2")).unwrap();
+        let one = transcript(std::slice::from_ref(&path), Some("c2")).unwrap();
         assert!(
             one.starts_with("session c2 — spiffe://corp.example/app/billing"),
             "{one}"
