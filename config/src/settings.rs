@@ -55,6 +55,9 @@
 //! [audit]
 //! path = "decisions.log"          # default "decisions.log": the hash-chained decision log
 //! ocsf = "decisions.ocsf.jsonl"   # optional: the same decisions as OCSF 1.3 events, for a SIEM
+//! statements = ["human_operators", "spiffe://corp.example/app/jobs/*"]  # default []: identities
+//!                                 # (a [groups] name or a SPIFFE ID pattern) whose every statement
+//!                                 # is logged; sessions admitted through an mfa(...) rule always are
 //!
 //! [detect]                        # the seed's five signals, inline; every key has a default
 //! enabled = true                  # default true: signals are `event: "signal"` lines + a metric
@@ -222,6 +225,9 @@ pub struct AuditSettings {
     /// `ocsf`: a second, derived file of the same decisions as OCSF 1.3 events (JSON
     /// lines) for a SIEM; None when absent. The chained log stays the record.
     pub ocsf: Option<PathBuf>,
+    /// `statements`: identities whose statements are logged (statement audit), besides every
+    /// session admitted through an `mfa(...)` rule; group names are expanded to their patterns.
+    pub statements: Vec<IdPattern>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -360,6 +366,7 @@ struct RawMfa {
 struct RawAudit {
     path: Option<Str>,
     ocsf: Option<Str>,
+    statements: Option<Spanned<Vec<Str>>>,
 }
 
 #[derive(Deserialize)]
@@ -557,6 +564,49 @@ impl Checker<'_> {
     }
 }
 
+/// `[audit] statements`: each entry a group of `[groups]` (its patterns) or a SPIFFE ID
+/// pattern; anything else, an empty list entry or one given twice, is refused by key.
+fn check_audited(
+    c: &mut Checker<'_>,
+    raw: Option<&Spanned<Vec<Str>>>,
+    groups: &BTreeMap<String, Vec<String>>,
+    td: Option<&TrustDomain>,
+) -> Vec<IdPattern> {
+    const KEY: &str = "audit.statements";
+    let mut out = Vec::new();
+    let Some(raw) = raw else {
+        return out;
+    };
+    let mut seen: Vec<&str> = Vec::new();
+    for item in raw.get_ref() {
+        let value = item.get_ref().as_str();
+        if seen.contains(&value) {
+            c.invalid(item.span(), KEY, format!("{value:?} is listed twice"));
+            continue;
+        }
+        seen.push(value);
+        if value.starts_with("spiffe://") {
+            match IdPattern::parse(value, td) {
+                Ok(p) => out.push(p),
+                Err(e) => c.invalid(item.span(), KEY, e.to_string()),
+            }
+        } else if let Some(patterns) = groups.get(value) {
+            out.extend(patterns.iter().filter_map(|p| IdPattern::parse(p, td).ok()));
+        } else {
+            let defined: Vec<String> = groups.keys().map(|k| format!("{k:?}")).collect();
+            c.invalid(
+                item.span(),
+                KEY,
+                format!(
+                    "expected the name of a group in [groups] ({}) or a SPIFFE ID pattern such as \"spiffe://corp.example/app/operators/*\", found {value:?}",
+                    if defined.is_empty() { "none defined".to_owned() } else { defined.join(", ") }
+                ),
+            );
+        }
+    }
+    out
+}
+
 /// `[admin]`: the socket defaults to `<config file stem>.sock` beside the config, so two
 /// configs in one folder do not share one.
 fn check_admin(c: &mut Checker<'_>, path: &Path, raw: Option<&RawAdmin>) -> AdminSettings {
@@ -736,9 +786,16 @@ impl Settings {
                 }
                 p
             });
+        let statements = check_audited(
+            &mut c,
+            raw.audit.as_ref().and_then(|a| a.statements.as_ref()),
+            &groups,
+            trust_domain.as_ref(),
+        );
         let audit = AuditSettings {
             path: audit_path,
             ocsf,
+            statements,
         };
         let detect = crate::detect::check_detect(&mut c, raw.detect.as_ref(), &audit.path);
         let l = raw.limits.as_ref();

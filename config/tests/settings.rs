@@ -489,3 +489,60 @@ fn hostile_detect_settings_are_refused_by_key() {
     let lines = refused(&format!("{MINIMAL}\n[audit]\nocsf = \"decisions.log\"\n"));
     has(&lines, "audit.ocsf");
 }
+
+#[test]
+fn audited_statements_name_groups_or_patterns_and_default_to_none() {
+    assert!(settings(MINIMAL).unwrap().audit.statements.is_empty());
+    let text = format!(
+        "{MINIMAL}\n[groups]\nops = [\"spiffe://corp.example/app/operators/*\", \"spiffe://corp.example/app/sre/**\"]\n[audit]\nstatements = [\"ops\", \"spiffe://corp.example/app/jobs/nightly\"]\n"
+    );
+    let s = settings(&text).unwrap();
+    let audited: Vec<&str> = s.audit.statements.iter().map(|p| p.as_str()).collect();
+    assert_eq!(
+        audited,
+        [
+            "spiffe://corp.example/app/operators/*",
+            "spiffe://corp.example/app/sre/**",
+            "spiffe://corp.example/app/jobs/nightly"
+        ]
+    );
+    let alice = eastwall_ca::SpiffeId::parse("spiffe://corp.example/app/operators/alice").unwrap();
+    assert!(s.audit.statements.iter().any(|p| p.matches(&alice)));
+}
+
+#[test]
+fn hostile_audited_statements_are_refused_by_key_with_their_line() {
+    let with = |list: &str| {
+        format!("{MINIMAL}\n[groups]\nops = [\"spiffe://corp.example/app/operators/*\"]\n[audit]\nstatements = {list}\n")
+    };
+    for (list, needle) in [
+        (
+            r#"["nobody"]"#,
+            "expected the name of a group in [groups] (\"ops\")",
+        ),
+        (r#"[""]"#, "expected the name of a group"),
+        (
+            r#"["spiffe://other.example/app/*"]"#,
+            "not this sidecar's trust domain",
+        ),
+        (r#"["spiffe://corp.example/app*"]"#, "whole path segments"),
+        (r#"["ops", "ops"]"#, "listed twice"),
+        (r#"["spiffe://corp.example/"]"#, "needs a path"),
+    ] {
+        let lines = refused(&with(list));
+        let line = has(&lines, "audit.statements");
+        assert!(line.contains(needle), "{list}: {line}");
+        assert!(line.contains("eastwall.toml:"), "{line}");
+    }
+    // Not a list of strings: a syntax error with its location.
+    let lines = refused(&with("\"ops\""));
+    assert!(
+        lines.iter().any(|l| l.contains("eastwall.toml:")),
+        "{lines:?}"
+    );
+    let lines = refused(&with("[1]"));
+    assert!(
+        lines.iter().any(|l| l.contains("eastwall.toml:")),
+        "{lines:?}"
+    );
+}

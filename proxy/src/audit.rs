@@ -720,7 +720,15 @@ fn encode_line(entry: &Entry, ts: &str, prev: &str, buf: &mut Vec<u8>) -> String
             tracing::warn!(field = %key, "extra audit field would shadow a fixed one; dropped");
             continue;
         }
-        map.insert(cap(key), cap_value(value));
+        // A statement's text is capped (and marked) by the statement audit at its own,
+        // larger bound.
+        let value = match value {
+            Value::String(text) if key == "text" => {
+                Value::String(cap_at(text, crate::statement_audit::MAX_TEXT_BYTES))
+            }
+            other => cap_value(other),
+        };
+        map.insert(cap(key), value);
     }
     map.insert("prev".into(), Value::String(prev.to_owned()));
     // A Map of strings, bools and JSON values cannot fail to serialize.
@@ -743,10 +751,14 @@ fn chain_hash(prev: &str, body: &str) -> String {
 }
 
 fn cap(s: &str) -> String {
-    if s.len() <= MAX_FIELD_BYTES {
+    cap_at(s, MAX_FIELD_BYTES)
+}
+
+fn cap_at(s: &str, max: usize) -> String {
+    if s.len() <= max {
         return s.to_owned();
     }
-    let mut end = MAX_FIELD_BYTES;
+    let mut end = max;
     while !s.is_char_boundary(end) {
         end -= 1;
     }

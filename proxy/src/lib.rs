@@ -14,7 +14,10 @@
 //! - [`session`]: one connection end to end — decision, MFA step-up, upstream login, relay.
 //! - [`mfa`]: TOTP secrets, replay and lockout, step-up tokens; [`stepup`]: its HTTPS endpoint.
 //! - [`upstream`]: the proxy's own login to PostgreSQL (trust, SCRAM, cert).
-//! - [`relay`]: the byte pipe after admission.
+//! - [`relay`]: the byte pipe after admission; [`statement_audit`]: what an audited session's
+//!   statements were and how they ended, followed as its bytes pass (pure);
+//!   [`statement_log`]: their decision-log lines, and the relay's wait for them;
+//!   [`transcript`]: those lines as a readable session (`eastwall audit sessions`).
 //! - [`cancel`]: the proxy's cancel keys and their upstream mapping.
 //! - [`audit`]: the hash-chained, fsync'd decision log; [`ocsf`]: its lines as OCSF 1.3.0
 //!   events; [`ocsf_sink`]: the live `[audit] ocsf` file of them; [`report`]: its HTML report page.
@@ -62,7 +65,10 @@ pub mod session;
 pub mod sidecar;
 pub mod source;
 pub mod startup;
+pub mod statement_audit;
+pub mod statement_log;
 pub mod stepup;
 pub mod tap_thread;
 pub mod tls;
+pub mod transcript;
 pub mod upstream;

@@ -178,6 +178,38 @@ fn truncate(text: &str) -> String {
     format!("{}…", &text[..end])
 }
 
+/// Appends `ew:<conn_id>` to the `application_name` sent upstream (adding it when the client
+/// set none), so `pg_stat_activity`, PostgreSQL's log (`%a` in `log_line_prefix`) and pgAudit
+/// lines name the Eastwall connection. The client's own name comes first, cut so the whole
+/// stays within PostgreSQL's 63 bytes; characters other than printable ASCII become `?`
+/// (as PostgreSQL would otherwise escape them into `\xNN`, lengthening the name past the
+/// limit and cutting the tag off).
+pub fn tag_application_name(settings: &mut Vec<(String, String)>, conn_id: &str) {
+    let tag = format!("ew:{conn_id}");
+    let entry = settings.iter_mut().find(|(k, _)| k == "application_name");
+    let own = entry.as_ref().map(|(_, v)| v.as_str()).unwrap_or("");
+    let clean: String = own
+        .chars()
+        .map(|c| if (' '..='~').contains(&c) { c } else { '?' })
+        .collect();
+    let room = MAX_NAME_BYTES.saturating_sub(tag.len() + 1);
+    let mut own = clean.trim_end().to_owned();
+    if own.len() > room {
+        // ASCII by now, so any byte is a character boundary.
+        own.truncate(room);
+        own = own.trim_end().to_owned();
+    }
+    let value = if own.is_empty() {
+        tag
+    } else {
+        format!("{own} {tag}")
+    };
+    match entry {
+        Some((_, v)) => *v = value,
+        None => settings.push(("application_name".into(), value)),
+    }
+}
+
 /// PostgreSQL's NAMEDATALEN is 64: names of 64 bytes or more are cut to 63 bytes, which could
 /// turn a name no rule denies into one a rule does. Such names are refused, not judged.
 pub const MAX_NAME_BYTES: usize = 63;
@@ -185,6 +217,37 @@ pub const MAX_NAME_BYTES: usize = 63;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn application_name_ends_in_the_connection_id_within_63_bytes() {
+        let id = "0123456789abcdef";
+        let mut none = Vec::new();
+        tag_application_name(&mut none, id);
+        assert_eq!(none, p(&[("application_name", "ew:0123456789abcdef")]));
+
+        let mut psql = p(&[("client_encoding", "UTF8"), ("application_name", "psql")]);
+        tag_application_name(&mut psql, id);
+        assert_eq!(psql[1].1, "psql ew:0123456789abcdef");
+        assert_eq!(psql.len(), 2, "replaced in place, not added twice");
+
+        let mut long = p(&[("application_name", &"x".repeat(200))]);
+        tag_application_name(&mut long, id);
+        assert_eq!(long[0].1.len(), MAX_NAME_BYTES);
+        assert!(long[0].1.ends_with(" ew:0123456789abcdef"));
+        assert!(long[0].1.starts_with("xxxx"));
+
+        // Multi-byte and control characters never push the tag past the limit.
+        let mut wide = p(&[("application_name", &"é\u{1}".repeat(40))]);
+        tag_application_name(&mut wide, id);
+        let value = &wide[0].1;
+        assert!(value.len() <= MAX_NAME_BYTES && value.is_ascii(), "{value}");
+        assert!(value.ends_with(" ew:0123456789abcdef"), "{value}");
+
+        // A client cannot forge a second tag that hides ours: ours is always last.
+        let mut forged = p(&[("application_name", "ew:ffffffffffffffff")]);
+        tag_application_name(&mut forged, id);
+        assert_eq!(forged[0].1, "ew:ffffffffffffffff ew:0123456789abcdef");
+    }
 
     fn p(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs

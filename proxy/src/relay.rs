@@ -68,6 +68,9 @@ pub enum EndReason {
     PolicyChanged,
     /// The client's certificate reached its notAfter.
     CertExpired,
+    /// An audited session's statement line could not be written (or the audit lost track):
+    /// the session cannot go on unaudited.
+    AuditFailed { message: String },
 }
 
 impl EndReason {
@@ -82,7 +85,60 @@ impl EndReason {
             EndReason::Killed { .. } => "killed",
             EndReason::PolicyChanged => "policy_changed",
             EndReason::CertExpired => "cert_expired",
+            EndReason::AuditFailed { .. } => "audit_failed",
         }
+    }
+}
+
+/// A statement auditor as the relay sees it ([`crate::statement_log::Auditor`]). Its
+/// methods are called only when `ACTIVE` is true: the relay of a session that is not audited
+/// runs with [`NoAudit`], for which every call site is a constant-false branch compiled out,
+/// so that relay does the same work per chunk as before auditing existed.
+pub trait Audit {
+    const ACTIVE: bool;
+    /// Client bytes just read: how many of them may be passed on now. The auditor keeps the
+    /// rest, and the relay reads no more client bytes until they are released.
+    fn client_bytes(&mut self, bytes: &[u8]) -> usize;
+    /// Server bytes on their way to the client (never held).
+    fn server_bytes(&mut self, bytes: &[u8]);
+    /// Whether client bytes are held.
+    fn holding(&self) -> bool;
+    /// Once every line so far is durable, the held bytes that may be passed on now (the
+    /// auditor may keep holding some, up to its next gate).
+    fn poll_release(&mut self, cx: &mut Context<'_>) -> Poll<Result<Vec<u8>, EndReason>>;
+    /// Drives the lines being written: Ready(Ok) when none is left, Ready(Err) when one
+    /// could not be written (the session must end).
+    fn poll_lines(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), EndReason>>;
+    /// An end was decided: the held bytes are dropped, never sent; returns how many.
+    fn drop_held(&mut self) -> usize;
+}
+
+/// The relay of a session whose statements are not audited.
+pub struct NoAudit;
+
+impl Audit for NoAudit {
+    const ACTIVE: bool = false;
+    #[inline(always)]
+    fn client_bytes(&mut self, bytes: &[u8]) -> usize {
+        bytes.len()
+    }
+    #[inline(always)]
+    fn server_bytes(&mut self, _: &[u8]) {}
+    #[inline(always)]
+    fn holding(&self) -> bool {
+        false
+    }
+    #[inline(always)]
+    fn poll_release(&mut self, _: &mut Context<'_>) -> Poll<Result<Vec<u8>, EndReason>> {
+        Poll::Ready(Ok(Vec::new()))
+    }
+    #[inline(always)]
+    fn poll_lines(&mut self, _: &mut Context<'_>) -> Poll<Result<(), EndReason>> {
+        Poll::Ready(Ok(()))
+    }
+    #[inline(always)]
+    fn drop_held(&mut self) -> usize {
+        0
     }
 }
 
@@ -288,6 +344,8 @@ fn said_terminate(up: &Pump<'_>) -> bool {
 enum Side {
     Read(io::Error),
     Write(io::Error),
+    /// The statement audit ended the session (only with an active [`Audit`]).
+    Audit(EndReason),
 }
 
 impl Pump<'_> {
@@ -317,16 +375,21 @@ impl Pump<'_> {
     /// pending). With `to_boundary`, nothing past the next message boundary is kept.
     /// Ready(Ok) after a chunk or EOF; Pending when nothing can be read now, after flushing
     /// what the writer buffered (a TLS writer holds records until flushed).
-    fn poll_read_chunk<R, W>(
+    ///
+    /// With an active audit, `FROM_CLIENT` says which side `r` is: client bytes may be cut
+    /// short (the auditor holds the rest), server bytes are shown to it as they pass.
+    fn poll_read_chunk<R, W, A, const FROM_CLIENT: bool>(
         &mut self,
         cx: &mut Context<'_>,
         r: &mut R,
         w: &mut W,
         to_boundary: bool,
+        audit: &mut A,
     ) -> Poll<Result<(), Side>>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
+        A: Audit,
     {
         let step = SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
@@ -342,6 +405,13 @@ impl Pump<'_> {
                     }
                     if let Some(boundaries) = &mut self.boundaries {
                         filled = boundaries.consume(&scratch[..filled], to_boundary);
+                    }
+                    if A::ACTIVE {
+                        if FROM_CLIENT {
+                            filled = audit.client_bytes(&scratch[..filled]);
+                        } else {
+                            audit.server_bytes(&scratch[..filled]);
+                        }
                     }
                     self.bytes += filled as u64;
                     if let Some(live) = self.live {
@@ -377,25 +447,39 @@ impl Pump<'_> {
 
     /// Moves bytes until the reader is exhausted (EOF, after which the writer is shut down)
     /// or an error; returns Pending while waiting on either side.
-    fn poll_pump<R, W>(
+    fn poll_pump<R, W, A, const FROM_CLIENT: bool>(
         &mut self,
         cx: &mut Context<'_>,
         r: &mut R,
         w: &mut W,
+        audit: &mut A,
     ) -> Poll<Result<(), Side>>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
+        A: Audit,
     {
         loop {
             ready!(self.poll_write_pending(cx, w))?;
+            if A::ACTIVE && FROM_CLIENT && audit.holding() {
+                // Caught up: what the auditor held goes on once its lines are durable.
+                let released = ready!(audit.poll_release(cx)).map_err(Side::Audit)?;
+                self.bytes += released.len() as u64;
+                if let Some(live) = self.live {
+                    live.fetch_add(released.len() as u64, Ordering::Relaxed);
+                }
+                self.needs_flush |= !released.is_empty();
+                self.pending = released;
+                self.written = 0;
+                continue;
+            }
             if self.read_eof {
                 ready!(Pin::new(&mut *w).poll_flush(cx)).map_err(Side::Write)?;
                 ready!(Pin::new(&mut *w).poll_shutdown(cx)).map_err(Side::Write)?;
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
-            ready!(self.poll_read_chunk(cx, r, w, false))?;
+            ready!(self.poll_read_chunk::<R, W, A, FROM_CLIENT>(cx, r, w, false, audit))?;
         }
     }
 
@@ -403,15 +487,17 @@ impl Pump<'_> {
     /// writing what the writer takes. Ready(Ok(true)) at a boundary (what is pending then
     /// completes the stream's last message), Ready(Ok(false)) when the stream ended inside a
     /// message or is not followed. The writer is never shut down.
-    fn poll_to_boundary<R, W>(
+    fn poll_to_boundary<R, W, A>(
         &mut self,
         cx: &mut Context<'_>,
         r: &mut R,
         w: &mut W,
+        audit: &mut A,
     ) -> Poll<Result<bool, Side>>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
+        A: Audit,
     {
         loop {
             let Some(boundaries) = &self.boundaries else {
@@ -425,7 +511,7 @@ impl Pump<'_> {
             }
             // Read on only once the writer took what is pending: memory stays bounded.
             ready!(self.poll_write_pending(cx, w))?;
-            ready!(self.poll_read_chunk(cx, r, w, true))?;
+            ready!(self.poll_read_chunk::<R, W, A, false>(cx, r, w, true, audit))?;
         }
     }
 
@@ -498,6 +584,41 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    relay_inner(client, server, limits, stop, live, &mut NoAudit).await
+}
+
+/// [`relay_counted`] for a session whose statements are audited: `audit` sees every byte
+/// and holds the client's where its lines must be durable first; a line that cannot be
+/// written ends the session with [`EndReason::AuditFailed`].
+pub async fn relay_audited<C, S, A>(
+    client: &mut C,
+    server: &mut S,
+    limits: RelayLimits,
+    stop: Option<StopSignal<'_>>,
+    live: Option<&LiveBytes>,
+    audit: &mut A,
+) -> RelayOutcome
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+    A: Audit,
+{
+    relay_inner(client, server, limits, stop, live, audit).await
+}
+
+async fn relay_inner<C, S, A>(
+    client: &mut C,
+    server: &mut S,
+    limits: RelayLimits,
+    stop: Option<StopSignal<'_>>,
+    live: Option<&LiveBytes>,
+    audit: &mut A,
+) -> RelayOutcome
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+    A: Audit,
+{
     let mut up = Pump {
         boundaries: Some(Boundaries::default()),
         live: live.map(|l| &l.client_to_server),
@@ -539,8 +660,13 @@ where
                 return Poll::Ready(Step::Decided(reason));
             }
         }
+        if A::ACTIVE {
+            if let Poll::Ready(Err(reason)) = audit.poll_lines(cx) {
+                return Poll::Ready(Step::Decided(reason));
+            }
+        }
         if !up.done {
-            match up.poll_pump(cx, client, server) {
+            match up.poll_pump::<C, S, A, true>(cx, client, server, audit) {
                 Poll::Ready(Ok(())) | Poll::Pending => {}
                 // After its Terminate, a client that drops the socket without a TLS
                 // close_notify (or resets it) has still ended the session by its own word.
@@ -554,9 +680,17 @@ where
                 Poll::Ready(Err(Side::Write(e))) => {
                     return Poll::Ready(Step::Over(RelayEnd::ServerError(e)))
                 }
+                Poll::Ready(Err(Side::Audit(reason))) => return Poll::Ready(Step::Decided(reason)),
             }
         }
-        match down.poll_pump(cx, server, client) {
+        let down_step = down.poll_pump::<S, C, A, false>(cx, server, client, audit);
+        if A::ACTIVE && down_step.is_pending() {
+            // Lines the server's answers just produced start on their way now.
+            if let Poll::Ready(Err(reason)) = audit.poll_lines(cx) {
+                return Poll::Ready(Step::Decided(reason));
+            }
+        }
+        match down_step {
             // The server closed: after the client's Terminate (psql's Terminate and its TLS
             // close arrive separately) or EOF that is the client's doing.
             Poll::Ready(Ok(())) => Poll::Ready(Step::Over(if up.done || said_terminate(&up) {
@@ -570,6 +704,7 @@ where
             } else {
                 RelayEnd::ClientError(e)
             })),
+            Poll::Ready(Err(Side::Audit(reason))) => Poll::Ready(Step::Decided(reason)),
             Poll::Pending => Poll::Pending,
         }
     })
@@ -585,12 +720,15 @@ where
             if let Some(live) = up.live {
                 live.fetch_sub(unsent.len() as u64, Ordering::Relaxed);
             }
-            let upstream_at_boundary =
-                unsent.is_empty() && up.boundaries.as_ref().is_some_and(Boundaries::at_boundary);
+            // Held for the log and never released: never sent either.
+            let held = audit.drop_held();
+            let upstream_at_boundary = unsent.is_empty()
+                && held == 0
+                && up.boundaries.as_ref().is_some_and(Boundaries::at_boundary);
             drop(unsent);
             let reached = tokio::time::timeout_at(
                 close_by,
-                poll_fn(|cx| down.poll_to_boundary(cx, server, client)),
+                poll_fn(|cx| down.poll_to_boundary(cx, server, client, &mut *audit)),
             )
             .await;
             let rest = match reached {

@@ -348,7 +348,9 @@ async fn admit(
     auth_time_left: std::time::Duration,
 ) -> Result<(Candidate, Decision, Places, UpstreamSession), Refusal> {
     let mut candidate = identify_client(sidecar, conn_id, peer, tls, startup)?;
-    let forwarded = check_request(&mut candidate, startup)?;
+    let mut forwarded = check_request(&mut candidate, startup)?;
+    // PostgreSQL's own log and pg_stat_activity name the Eastwall connection.
+    crate::params::tag_application_name(&mut forwarded, &candidate.conn_id);
     check_locks(sidecar, &mut candidate)?;
     let places = hold_places(sidecar, &mut candidate)?;
     let decision =
@@ -823,15 +825,50 @@ async fn relay_and_log(sidecar: &Sidecar, mut held: Box<Admitted>) {
         ..relay::RelayLimits::default()
     };
     let stop = stop_signal(sidecar, &live);
+    let mut auditor = audited_because(sidecar, &held).map(|why| {
+        let c = &held.candidate;
+        let mut template = sidecar.entry(&c.conn_id, c.peer, "statement");
+        template.spiffe_id = Some(c.id_text.clone());
+        template.cert_serial = Some(c.identity.serial_hex.clone());
+        template.db_user = Some(c.user.clone());
+        template.database = Some(c.database.clone());
+        template.rule = c.entry.rule.clone();
+        template.reason = why.into();
+        Box::new(crate::statement_log::Auditor::new(
+            sidecar.audit.clone(),
+            template,
+        ))
+    });
     let Admitted { tls, session, .. } = &mut *held;
-    let outcome = relay::relay_counted(
-        tls,
-        &mut session.stream,
-        limits,
-        Some(stop),
-        Some(live.bytes()),
-    )
-    .await;
+    let outcome = match auditor.as_deref_mut() {
+        None => {
+            relay::relay_counted(
+                tls,
+                &mut session.stream,
+                limits,
+                Some(stop),
+                Some(live.bytes()),
+            )
+            .await
+        }
+        // Boxed: only audited sessions hold its state.
+        Some(auditor) => {
+            Box::pin(relay::relay_audited(
+                tls,
+                &mut session.stream,
+                limits,
+                Some(stop),
+                Some(live.bytes()),
+                auditor,
+            ))
+            .await
+        }
+    };
+    if let Some(auditor) = &mut auditor {
+        // The statement lines come before the session_end line (a failure ended the
+        // relay already, or is logged: the session is over either way).
+        let _ = Box::pin(auditor.finish()).await;
+    }
     Box::pin(end_session(
         sidecar,
         held,
@@ -842,6 +879,22 @@ async fn relay_and_log(sidecar: &Sidecar, mut held: Box<Admitted>) {
     ))
     .await;
     drop(live);
+}
+
+/// Why this session's statements are audited, if they are: it was admitted through an
+/// `mfa(...)` rule, or its identity is named by `[audit] statements`.
+fn audited_because(sidecar: &Sidecar, held: &Admitted) -> Option<&'static str> {
+    if held.decision.mfa_group.is_some() {
+        return Some("mfa");
+    }
+    let id = &held.candidate.identity.id;
+    sidecar
+        .settings
+        .audit
+        .statements
+        .iter()
+        .any(|pattern| pattern.matches(id))
+        .then_some("audit_statements")
 }
 
 /// After the relay: both legs closed if Eastwall ended the session, then its session_end
@@ -920,7 +973,7 @@ fn end_details(end: &mut Entry, reason: &relay::EndReason) {
             end.extra.insert("lock_id".into(), json!(lock_id));
             end.extra.insert("message".into(), json!(message));
         }
-        relay::EndReason::Killed { message } => {
+        relay::EndReason::Killed { message } | relay::EndReason::AuditFailed { message } => {
             end.extra.insert("message".into(), json!(message));
         }
         _ => {}
@@ -1001,6 +1054,7 @@ fn farewell(
             format!("the policy no longer allows this session of {id_text}")
         }
         relay::EndReason::CertExpired => format!("the certificate of {id_text} expired"),
+        relay::EndReason::AuditFailed { message } => message.clone(),
     };
     format!("terminating connection: {why} (connection {conn_id})")
 }

@@ -89,6 +89,20 @@ pub enum Command {
         #[arg(long)]
         state: Option<PathBuf>,
     },
+    /// Print audited sessions as transcripts: who, from where, MFA age, each statement
+    /// with its outcome and time.
+    ///
+    /// The chain is verified first, as `audit verify` does. Without --conn, every session
+    /// that has statement lines (admitted through an mfa(...) rule, or named by
+    /// `[audit] statements`); with it, that connection only.
+    Sessions {
+        /// The decision log; several for a rotated log, oldest first.
+        #[arg(required = true, num_args = 1..)]
+        files: Vec<PathBuf>,
+        /// Only this connection (its conn_id).
+        #[arg(long, value_name = "ID")]
+        conn: Option<String>,
+    },
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -111,6 +125,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let detectors = replay_detectors(config.as_deref(), state.as_deref())?;
             report(&files, &out, force, detectors)
         }
+        Command::Sessions { files, conn } => sessions(&files, conn.as_deref()),
     }
 }
 
@@ -138,6 +153,13 @@ fn detect(
             replay.recorded
         );
     }
+    Ok(())
+}
+
+fn sessions(files: &[PathBuf], conn: Option<&str>) -> anyhow::Result<()> {
+    check_chain(files)?;
+    let text = crate::transcript::transcript(files, conn).context("cannot read the log")?;
+    outln!("{}", text.trim_end());
     Ok(())
 }
 
