@@ -269,6 +269,93 @@ fn write_file(path: &Path, text: &str) -> Result<(), QuickstartError> {
     })
 }
 
+/// What PostgreSQL's `pg_hba.conf` (and, for a socket, `pg_ident.conf`) needs for the upstream
+/// login quickstart chose, and a warning when that choice lets others around the sidecar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgHba {
+    /// `pg_hba.conf` lines, first match wins: put them above any broader line.
+    pub hba: Vec<String>,
+    /// `pg_ident.conf` lines of the `eastwall` map: the sidecar's OS user to each role.
+    pub ident: Vec<String>,
+    /// One line for a login that costs the wall something (`trust` over TCP).
+    pub warning: Option<String>,
+    /// A `postgresql.conf` note for the mode (the socket's group, or `ssl_ca_file`).
+    pub server_conf: Vec<String>,
+}
+
+/// The `pg_hba.conf` lines for `upstream` (`HOST:PORT` or `/socket/dir:PORT`) and `auth`, the
+/// sidecar running as the OS user `os_user` and logging in as `roles`.
+///
+/// `trust` over a socket becomes `peer` with a map naming exactly `roles` for `os_user`:
+/// PostgreSQL then checks the connecting process itself, so no other local user gets in.
+/// `trust` over TCP has no safe form: PostgreSQL cannot tell who is on the other end of a
+/// loopback connection, so it comes with a warning.
+pub fn pg_hba(upstream: &str, auth: UpstreamAuth, os_user: &str, roles: &[&str]) -> PgHba {
+    let host = upstream
+        .rsplit_once(':')
+        .map_or(upstream, |(h, _)| h)
+        .trim_matches(['[', ']']);
+    let socket = host.starts_with('/');
+    let cidr = match host.parse::<IpAddr>() {
+        Ok(IpAddr::V4(a)) => format!("{a}/32"),
+        Ok(IpAddr::V6(a)) => format!("{a}/128"),
+        // A name (localhost): the sidecar's loopback address.
+        Err(_) => "127.0.0.1/32".to_owned(),
+    };
+    let hba_line = |kind: &str, addr: &str, method: &str| {
+        if addr.is_empty() {
+            format!("{kind:<8}all  all  {method}")
+        } else {
+            format!("{kind:<8}all  all  {addr:<15} {method}")
+        }
+    };
+    let mut out = PgHba {
+        hba: Vec::new(),
+        ident: Vec::new(),
+        warning: None,
+        server_conf: Vec::new(),
+    };
+    match (auth, socket) {
+        (UpstreamAuth::Trust, true) => {
+            out.hba.push(hba_line("local", "", "peer map=eastwall"));
+            out.ident = roles
+                .iter()
+                .map(|role| format!("eastwall  {os_user}  {role}"))
+                .collect();
+            out.server_conf = vec![
+                format!("unix_socket_directories = '{host}'   # a folder only postgres and the sidecar's group can enter"),
+                // The sidecar's user's own group, as `useradd --user-group` makes it.
+                format!("unix_socket_group = '{os_user}'"),
+                "unix_socket_permissions = 0770".to_owned(),
+            ];
+        }
+        (UpstreamAuth::Trust, false) => {
+            out.hba.push(hba_line("host", &cidr, "trust"));
+            out.warning = Some(format!(
+                "`trust` over TCP lets every local OS user, not only this sidecar, connect to PostgreSQL on {cidr} as any role, superusers included, around the sidecar's policy and MFA; use --upstream /socket/dir:PORT (peer with a map), or --upstream-auth password|cert (docs/production.md)"
+            ));
+        }
+        (UpstreamAuth::Password, true) => out.hba.push(hba_line("local", "", "scram-sha-256")),
+        (UpstreamAuth::Password, false) => out.hba.push(hba_line("host", &cidr, "scram-sha-256")),
+        (UpstreamAuth::Cert, _) => {
+            out.hba.push(hba_line("hostssl", &cidr, "cert"));
+            out.server_conf = vec![
+                "ssl = on".to_owned(),
+                "ssl_ca_file = '<this folder>/ca/ca.pem'   # the Eastwall CA: certificates with CN = role".to_owned(),
+            ];
+        }
+    }
+    out
+}
+
+/// The OS user this process runs as (who `eastwall proxy` will run as, if started the same way).
+pub fn current_os_user() -> String {
+    nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .ok()
+        .flatten()
+        .map_or_else(|| "eastwall".to_owned(), |u| u.name)
+}
+
 /// The psql command line that connects as a sample identity through the proxy.
 pub fn psql_command(layout: &Layout, who: &Identity, listen: SocketAddr, role: &str) -> String {
     format!(
@@ -278,4 +365,52 @@ pub fn psql_command(layout: &Layout, who: &Identity, listen: SocketAddr, role: &
         cert = who.cert.display(),
         key = who.key.display(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trust_over_a_socket_is_peer_with_one_map_line_per_role() {
+        let got = pg_hba(
+            "/var/lib/postgresql/eastwall-sock:5432",
+            UpstreamAuth::Trust,
+            "eastwall",
+            &["billing", "alice"],
+        );
+        assert_eq!(got.hba, vec!["local   all  all  peer map=eastwall"]);
+        assert_eq!(
+            got.ident,
+            vec!["eastwall  eastwall  billing", "eastwall  eastwall  alice"]
+        );
+        assert!(got.warning.is_none());
+        assert!(got
+            .server_conf
+            .iter()
+            .any(|l| l.starts_with("unix_socket_group = 'eastwall'")));
+    }
+
+    #[test]
+    fn trust_over_tcp_is_warned_about() {
+        let got = pg_hba("127.0.0.1:5433", UpstreamAuth::Trust, "me", &["billing"]);
+        assert_eq!(got.hba, vec!["host    all  all  127.0.0.1/32    trust"]);
+        let warning = got.warning.expect("a warning");
+        assert!(warning.contains("every local OS user"), "{warning}");
+        assert!(warning.contains("superusers included"), "{warning}");
+    }
+
+    #[test]
+    fn password_and_cert_name_the_upstream_address() {
+        let pw = pg_hba("[::1]:5433", UpstreamAuth::Password, "me", &["billing"]);
+        assert_eq!(
+            pw.hba,
+            vec!["host    all  all  ::1/128         scram-sha-256"]
+        );
+        assert!(pw.warning.is_none());
+        let cert = pg_hba("127.0.0.1:5433", UpstreamAuth::Cert, "me", &["billing"]);
+        assert_eq!(cert.hba, vec!["hostssl all  all  127.0.0.1/32    cert"]);
+        let sock = pg_hba("/run/pg:5432", UpstreamAuth::Password, "me", &["billing"]);
+        assert_eq!(sock.hba, vec!["local   all  all  scram-sha-256"]);
+    }
 }

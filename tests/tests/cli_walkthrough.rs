@@ -131,6 +131,15 @@ fn quickstart_proxy_psql_mfa_and_audit_as_the_readme_shows() {
         &stepup,
     ]));
     assert!(printed.contains("CREATE ROLE billing LOGIN;"), "{printed}");
+    // The pg_hba.conf line for the mode it chose (trust over TCP), and what that costs.
+    assert!(
+        printed.contains("\n  host    all  all  127.0.0.1/32    trust\n"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("warning: `trust` over TCP lets every local OS user"),
+        "{printed}"
+    );
     let config = dir.join("eastwall.toml").display().to_string();
     let check = ok(&eastwall(&["policy", "check", "--config", &config]));
     assert!(check.starts_with("ok: policy.ew: 2 rules"), "{check}");

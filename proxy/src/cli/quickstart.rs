@@ -74,6 +74,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             None => outln!("  CREATE ROLE {role} LOGIN;"),
         }
     }
+    // Run as root, the advice is for the dedicated user the sidecar should run as instead.
+    let me = quickstart::current_os_user();
+    let os_user = if me == "root" {
+        "eastwall".to_owned()
+    } else {
+        me
+    };
+    let hba = quickstart::pg_hba(&opts.upstream, opts.upstream_auth, &os_user, &layout.roles);
+    outln!();
+    outln!("PostgreSQL's pg_hba.conf, above any broader line (first match wins):");
+    for line in &hba.hba {
+        outln!("  {line}");
+    }
+    if !hba.ident.is_empty() {
+        outln!("pg_ident.conf (for the sidecar run as the OS user {os_user}, docs/production.md; one line per role):");
+        for line in &hba.ident {
+            outln!("  {line}");
+        }
+    }
+    if !hba.server_conf.is_empty() {
+        outln!("postgresql.conf:");
+        for line in &hba.server_conf {
+            outln!("  {line}");
+        }
+    }
+    if let Some(warning) = &hba.warning {
+        outln!("warning: {warning}");
+    }
     outln!();
     outln!("Start the sidecar:");
     outln!("  eastwall proxy --config {}", layout.config.display());
