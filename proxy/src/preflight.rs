@@ -333,6 +333,16 @@ fn writable_folder(r: &mut Report, key: &str, path: &Path) {
                     shown(dir)
                 ),
             )
+        } else if key == "admin.socket" {
+            // systemd's RuntimeDirectory= makes it as the unit starts, after ExecStartPre.
+            r.push(
+                Level::Warning,
+                what,
+                format!(
+                    "its folder {} does not exist; it must before the sidecar starts (systemd's RuntimeDirectory= makes it)",
+                    shown(dir)
+                ),
+            )
         } else {
             r.push(
                 Level::Error,
@@ -440,11 +450,18 @@ async fn upstream(r: &mut Report, settings: &Settings) {
         }
     }
     if u.login == UpstreamLogin::Trust {
-        r.push(
-            Level::Warning,
-            "upstream.login trust",
-            "PostgreSQL must trust only the proxy: a pg_hba `trust` line for 127.0.0.1 or the socket lets every local OS user become any role, superusers included, skipping the policy and MFA; prefer cert or password, or a socket only the proxy's group can open (docs/production.md)",
-        );
+        match private_socket(&u.target) {
+            Some(how) => r.push(
+                Level::Ok,
+                "upstream.login trust",
+                format!("over a socket others cannot open ({how}): PostgreSQL's own peer check decides who logs in"),
+            ),
+            None => r.push(
+                Level::Warning,
+                "upstream.login trust",
+                "PostgreSQL must trust only the proxy: a pg_hba `trust` line for 127.0.0.1 or the socket lets every local OS user become any role, superusers included, skipping the policy and MFA; prefer cert or password, or a socket only the proxy's group can open (docs/production.md)",
+            ),
+        }
     }
     let up = match crate::upstream::Upstream::new(u) {
         Ok(up) => up,
@@ -477,5 +494,23 @@ async fn upstream(r: &mut Report, settings: &Settings) {
             ),
         ),
         Err(e) => r.push(Level::Error, what, e.to_string()),
+    }
+}
+
+/// For a Unix-socket upstream whose socket (or its folder) others cannot reach: how.
+/// Then only the proxy's user or group gets to PostgreSQL's `peer` check at all.
+fn private_socket(target: &eastwall_config::UpstreamTarget) -> Option<String> {
+    let eastwall_config::UpstreamTarget::Unix { dir, port } = target else {
+        return None;
+    };
+    let socket = dir.join(format!(".s.PGSQL.{port}"));
+    let socket_mode = std::fs::metadata(&socket).ok()?.mode() & 0o777;
+    let dir_mode = std::fs::metadata(dir).ok()?.mode() & 0o777;
+    if socket_mode & 0o007 == 0 {
+        Some(format!("socket mode {socket_mode:o}"))
+    } else if dir_mode & 0o001 == 0 {
+        Some(format!("folder mode {dir_mode:o}"))
+    } else {
+        None
     }
 }
