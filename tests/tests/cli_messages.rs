@@ -343,3 +343,24 @@ fn ca_list_shows_what_was_issued_and_when_it_expires() {
         "{out}"
     );
 }
+
+/// An error that already quotes its OS error is not followed by the same text again.
+#[test]
+fn an_os_error_is_printed_once() {
+    for args in [
+        vec!["audit", "verify", "/nonexistent-eastwall/decisions.log"],
+        vec!["proxy", "--config", "/nonexistent-eastwall/eastwall.toml"],
+        vec!["check", "--config", "/nonexistent-eastwall/eastwall.toml"],
+    ] {
+        let out = eastwall(&args);
+        assert!(!out.status.success(), "{args:?}");
+        let (_, stderr) = text(&out);
+        assert_eq!(
+            stderr.matches("(os error 2)").count(),
+            1,
+            "{args:?}: {stderr}"
+        );
+        // A config problem is its line, then the count of problems (as `policy check`).
+        assert!(stderr.lines().count() <= 2, "{args:?}: {stderr}");
+    }
+}
