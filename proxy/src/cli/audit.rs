@@ -285,17 +285,7 @@ fn ocsf(files: &[PathBuf], out: Option<&Path>, force: bool) -> anyhow::Result<()
                 Err(err) => write_err = Some(err),
             }
         });
-        let unchanged = match &walked {
-            Ok(again) => again.first_prev == verified.first_prev && again.lines >= expected,
-            // A line past the verified ones being written right now is not ours to convert.
-            Err(VerifyError::Line { line, .. }) => *line > expected,
-            Err(VerifyError::Io { .. }) => false,
-        };
-        if !unchanged {
-            let why = walked.err().map_or_else(
-                || "its lines are not the ones verified".to_owned(),
-                |e| e.to_string(),
-            );
+        if let Err(why) = same_lines_again(walked, verified, expected) {
             eprintln!(
                 "{}: changed while it was being converted ({why}); nothing was written to OUT, output to stdout is incomplete",
                 file.display()
@@ -439,16 +429,7 @@ fn report(
             }
             page.line(&value);
         });
-        let unchanged = match &walked {
-            Ok(again) => again.first_prev == verified.first_prev && again.lines >= expected,
-            Err(VerifyError::Line { line, .. }) => *line > expected,
-            Err(VerifyError::Io { .. }) => false,
-        };
-        if !unchanged {
-            let why = walked.err().map_or_else(
-                || "its lines are not the ones verified".to_owned(),
-                |e| e.to_string(),
-            );
+        if let Err(why) = same_lines_again(walked, verified, expected) {
             eprintln!(
                 "{}: changed while the report was read ({why}); no page written",
                 file.display()
@@ -501,4 +482,25 @@ fn report(
         page.signals()
     );
     Ok(())
+}
+
+/// Whether a second read (`walked`) met the lines the first pass verified: the same start and
+/// at least as many lines. A bad line past them is one being written right now, not ours.
+fn same_lines_again(
+    walked: Result<VerifyReport, VerifyError>,
+    verified: &VerifyReport,
+    expected: usize,
+) -> Result<(), String> {
+    let unchanged = match &walked {
+        Ok(again) => again.first_prev == verified.first_prev && again.lines >= expected,
+        Err(VerifyError::Line { line, .. }) => *line > expected,
+        Err(VerifyError::Io { .. }) => false,
+    };
+    if unchanged {
+        return Ok(());
+    }
+    Err(walked.err().map_or_else(
+        || "its lines are not the ones verified".to_owned(),
+        |e| e.to_string(),
+    ))
 }
