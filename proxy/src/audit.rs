@@ -96,7 +96,7 @@ const QUEUE_DEPTH: usize = 4096;
 const MAX_LINE_BYTES: usize = 1 << 20;
 
 /// The fixed fields, in the order they are written; extra fields with these names are dropped.
-const FIELDS: [&str; 12] = [
+pub const FIELDS: [&str; 12] = [
     "ts",
     "conn_id",
     "event",

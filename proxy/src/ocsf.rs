@@ -26,24 +26,14 @@ const COPY_BUDGET: usize = 16 * 1024;
 const AUTHENTICATION: u64 = 3002;
 const DETECTION_FINDING: u64 = 2004;
 
-/// The fixed fields of a line (see [`crate::audit`]) and its chain fields: mapped or put in
-/// `unmapped` by name, never copied as extras.
-const FIXED: [&str; 14] = [
-    "ts",
-    "conn_id",
-    "event",
-    "decision",
-    "peer",
-    "spiffe_id",
-    "cert_serial",
-    "db_user",
-    "database",
-    "rule",
-    "reason",
-    "alert",
-    "prev",
-    "hash",
-];
+/// How many fixed and chain fields a line has: the log's own [`crate::audit::FIELDS`], then
+/// `prev` and `hash`.
+const FIXED_COUNT: usize = crate::audit::FIELDS.len() + 2;
+
+/// A fixed or chain field: mapped or put in `unmapped` by name, never copied as an extra.
+fn is_fixed(key: &str) -> bool {
+    crate::audit::FIELDS.contains(&key) || key == "prev" || key == "hash"
+}
 
 /// One decision-log line as one OCSF 1.3.0 event, or None for a line with no OCSF class.
 /// Never panics, whatever `line` holds; cheap enough to call on every line as it is written.
@@ -431,8 +421,8 @@ fn unmapped(map: &Map<String, Value>, event: &str, copier: &mut Copier) -> Map<S
         ],
         _ => &[],
     };
-    for (key, value) in map.iter().take(FIXED.len() + MAX_ITEMS) {
-        if FIXED.contains(&key.as_str()) || mapped.contains(&key.as_str()) {
+    for (key, value) in map.iter().take(FIXED_COUNT + MAX_ITEMS) {
+        if is_fixed(key) || mapped.contains(&key.as_str()) {
             continue;
         }
         if copier.exhausted() {
@@ -444,7 +434,7 @@ fn unmapped(map: &Map<String, Value>, event: &str, copier: &mut Copier) -> Map<S
         let value = copier.copy(value, 0);
         out.insert(key, value);
     }
-    if map.len() > FIXED.len() + MAX_ITEMS {
+    if map.len() > FIXED_COUNT + MAX_ITEMS {
         copier.truncated = true;
     }
     if copier.truncated {
