@@ -229,14 +229,26 @@ impl Deployment {
 
     /// Waits (bounded) until a decision line matching `pred` appears, and returns it.
     pub async fn wait_for_decision(&self, pred: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+        let mut lines = self.wait_for_decisions(1, pred).await?;
+        Ok(lines.swap_remove(0))
+    }
+
+    /// Waits (bounded) until at least `count` decision lines match `pred`, and returns them
+    /// all. Waiting for the first match `count` times would return the same line each time.
+    pub async fn wait_for_decisions(
+        &self,
+        count: usize,
+        pred: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Vec<Value>> {
         for _ in 0..100 {
-            if let Some(line) = self.decisions()?.into_iter().find(|l| pred(l)) {
-                return Ok(line);
+            let found: Vec<Value> = self.decisions()?.into_iter().filter(|l| pred(l)).collect();
+            if found.len() >= count.max(1) {
+                return Ok(found);
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         Err(anyhow!(
-            "no matching decision line after 5 s; log:\n{}",
+            "fewer than {count} matching decision lines after 5 s; log:\n{}",
             std::fs::read_to_string(self.decision_log()).unwrap_or_default()
         ))
     }
