@@ -344,8 +344,9 @@ fn said_terminate(up: &Pump<'_>) -> bool {
 enum Side {
     Read(io::Error),
     Write(io::Error),
-    /// The statement audit ended the session (only with an active [`Audit`]).
-    Audit(EndReason),
+    /// The statement audit ended the session (only with an active [`Audit`]). Boxed, so a
+    /// `Side` stays two words: it is returned through every poll of the hot path.
+    Audit(Box<EndReason>),
 }
 
 impl Pump<'_> {
@@ -463,7 +464,8 @@ impl Pump<'_> {
             ready!(self.poll_write_pending(cx, w))?;
             if A::ACTIVE && FROM_CLIENT && audit.holding() {
                 // Caught up: what the auditor held goes on once its lines are durable.
-                let released = ready!(audit.poll_release(cx)).map_err(Side::Audit)?;
+                let released =
+                    ready!(audit.poll_release(cx)).map_err(|r| Side::Audit(Box::new(r)))?;
                 self.bytes += released.len() as u64;
                 if let Some(live) = self.live {
                     live.fetch_add(released.len() as u64, Ordering::Relaxed);
@@ -630,7 +632,8 @@ where
         live: live.map(|l| &l.server_to_client),
         ..Pump::default()
     };
-    let mut stop = stop;
+    // Polled only when its own sources woke it, not on every chunk (see stop_gate).
+    let mut stop = stop.map(crate::stop_gate::GatedStop::new);
     let mut timer: Option<Pin<Box<Sleep>>> = limits
         .deadline
         .map(|at| Box::pin(tokio::time::sleep_until(at)));
@@ -656,7 +659,7 @@ where
             }
         }
         if let Some(signal) = &mut stop {
-            if let Poll::Ready(reason) = signal.as_mut().poll(cx) {
+            if let Poll::Ready(reason) = signal.poll(cx) {
                 return Poll::Ready(Step::Decided(reason));
             }
         }
@@ -680,7 +683,9 @@ where
                 Poll::Ready(Err(Side::Write(e))) => {
                     return Poll::Ready(Step::Over(RelayEnd::ServerError(e)))
                 }
-                Poll::Ready(Err(Side::Audit(reason))) => return Poll::Ready(Step::Decided(reason)),
+                Poll::Ready(Err(Side::Audit(reason))) => {
+                    return Poll::Ready(Step::Decided(*reason))
+                }
             }
         }
         let down_step = down.poll_pump::<S, C, A, false>(cx, server, client, audit);
@@ -704,7 +709,7 @@ where
             } else {
                 RelayEnd::ClientError(e)
             })),
-            Poll::Ready(Err(Side::Audit(reason))) => Poll::Ready(Step::Decided(reason)),
+            Poll::Ready(Err(Side::Audit(reason))) => Poll::Ready(Step::Decided(*reason)),
             Poll::Pending => Poll::Pending,
         }
     })
