@@ -7,14 +7,16 @@
 //!   the admin Unix socket (`eastwall sessions`).
 //! - [`startup`]: the front door — SSLRequest, GSSENCRequest, direct TLS, StartupMessage.
 //! - [`codec`]: the PostgreSQL wire codec, pure functions over bytes.
-//! - [`tls`]: rustls configs for both legs; CRL reload.
+//! - [`tls`]: rustls configs for both legs; CRL reload; [`verified_leaves`]: leaves already
+//!   verified, so a reconnect skips the CA signature check.
 //! - [`identity`]: X509-SVID checks and handshake-failure reasons.
 //! - [`params`]: which startup parameters may reach PostgreSQL (an allowlist).
 //! - [`privilege`]: whether a login role is superuser-equivalent, from the catalog.
 //! - [`session`]: one connection end to end — decision, MFA step-up, upstream login, relay.
 //! - [`mfa`]: TOTP secrets, replay and lockout, step-up tokens; [`stepup`]: its HTTPS endpoint.
 //! - [`upstream`]: the proxy's own login to PostgreSQL (trust, SCRAM, cert).
-//! - [`relay`]: the byte pipe after admission; [`statement_audit`]: what an audited session's
+//! - [`relay`]: the byte pipe after admission ([`stop_gate`]: its stop signal, polled only
+//!   when woken); [`statement_audit`]: what an audited session's
 //!   statements were and how they ended, followed as its bytes pass (pure);
 //!   [`statement_log`]: their decision-log lines, and the relay's wait for them;
 //!   [`transcript`]: those lines as a readable session (`eastwall audit sessions`).
@@ -68,7 +70,9 @@ pub mod startup;
 pub mod statement_audit;
 pub mod statement_log;
 pub mod stepup;
+pub mod stop_gate;
 pub mod tap_thread;
 pub mod tls;
 pub mod transcript;
 pub mod upstream;
+pub mod verified_leaves;

@@ -26,6 +26,8 @@ use rustls::{
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
+
+use crate::verified_leaves::VerifiedLeaves;
 use sha2::{Digest, Sha256};
 use x509_parser::num_bigint::BigUint;
 
@@ -471,6 +473,8 @@ impl std::fmt::Debug for NotIssuedByAnchor {
 pub struct SvidVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     revocation: Option<Arc<Revocation>>,
+    /// Leaves that passed `inner` against these anchors (see verified_leaves).
+    verified: VerifiedLeaves,
 }
 
 impl SvidVerifier {
@@ -481,6 +485,7 @@ impl SvidVerifier {
         Ok(Self {
             inner: WebPkiClientVerifier::builder(roots).build()?,
             revocation,
+            verified: VerifiedLeaves::default(),
         })
     }
 }
@@ -512,23 +517,27 @@ impl SvidVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, RustlsError> {
-        // No intermediates: webpki ignores a trust anchor's pathlen, so the only way to hold
-        // "the CA signs leaves only" is to let no path be longer than leaf -> anchor. Clients
-        // that send the root along with their leaf (ours do) are unaffected.
-        match self.inner.verify_client_cert(end_entity, &[], now) {
-            Ok(_) => {}
-            Err(RustlsError::InvalidCertificate(CertificateError::UnknownIssuer))
-                if !intermediates.is_empty()
-                    && self
-                        .inner
-                        .verify_client_cert(end_entity, intermediates, now)
-                        .is_ok() =>
-            {
-                return Err(RustlsError::InvalidCertificate(CertificateError::Other(
-                    rustls::OtherError(Arc::new(NotIssuedByAnchor)),
-                )));
+        // A leaf these anchors verified before, still inside its window, needs no second
+        // signature check; revocation below runs every time.
+        if !self.verified.holds(end_entity, now) {
+            // No intermediates: webpki ignores a trust anchor's pathlen, so the only way to
+            // hold "the CA signs leaves only" is to let no path be longer than leaf -> anchor.
+            // Clients that send the root along with their leaf (ours do) are unaffected.
+            match self.inner.verify_client_cert(end_entity, &[], now) {
+                Ok(_) => self.verified.remember(end_entity),
+                Err(RustlsError::InvalidCertificate(CertificateError::UnknownIssuer))
+                    if !intermediates.is_empty()
+                        && self
+                            .inner
+                            .verify_client_cert(end_entity, intermediates, now)
+                            .is_ok() =>
+                {
+                    return Err(RustlsError::InvalidCertificate(CertificateError::Other(
+                        rustls::OtherError(Arc::new(NotIssuedByAnchor)),
+                    )));
+                }
+                Err(err) => return Err(err),
             }
-            Err(err) => return Err(err),
         }
         if let Some(revocation) = &self.revocation {
             revocation
@@ -1195,6 +1204,54 @@ mod tests {
         let err = ReloadingServerConfig::new(files).err().unwrap();
         assert_eq!(err.reason(), "crl_expired");
         assert!(err.to_string().contains("nextUpdate"), "{err}");
+    }
+
+    /// The attack on the verified-leaf cache: a leaf verified once is presented again after
+    /// it was revoked, after it expired, and by a verifier built for other anchors.
+    #[test]
+    fn a_leaf_verified_before_is_still_checked_for_revocation_expiry_and_anchors() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = root("Test CA");
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.der.clone()).unwrap();
+        let revocation = Arc::new(
+            load(
+                dir.path(),
+                &ca.crl(1, &[&[9]], week()),
+                std::slice::from_ref(&ca.der),
+            )
+            .unwrap(),
+        );
+        let verifier = SvidVerifier::new(Arc::new(roots), Some(revocation)).unwrap();
+        let good = ca.leaf(&[7]);
+        let revoked = ca.leaf(&[9]);
+        for _ in 0..2 {
+            verifier.verify_client_cert(&good, &[], now()).unwrap();
+            assert_eq!(
+                verifier
+                    .verify_client_cert(&revoked, &[], now())
+                    .unwrap_err(),
+                RustlsError::InvalidCertificate(CertificateError::Revoked)
+            );
+        }
+        assert!(verifier.verified.holds(&good, now()));
+        // rcgen's leaves are valid until 4096: well past it, the full check refuses it.
+        let later = UnixTime::since_unix_epoch(Duration::from_secs(4_200_000_000 * 32));
+        assert!(matches!(
+            verifier.verify_client_cert(&good, &[], later).unwrap_err(),
+            RustlsError::InvalidCertificate(
+                CertificateError::Expired | CertificateError::ExpiredContext { .. }
+            )
+        ));
+        // Another bundle, another verifier: nothing it did not verify itself passes.
+        let other = root("Other CA");
+        let mut roots = RootCertStore::empty();
+        roots.add(other.der.clone()).unwrap();
+        let stranger = SvidVerifier::new(Arc::new(roots), None).unwrap();
+        assert_eq!(
+            stranger.verify_client_cert(&good, &[], now()).unwrap_err(),
+            RustlsError::InvalidCertificate(CertificateError::UnknownIssuer)
+        );
     }
 
     #[test]
