@@ -165,7 +165,12 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(mut self, rt: tokio::runtime::Handle, mut tap: Tap, mut stopped: watch::Receiver<bool>) {
+    fn run(
+        mut self,
+        rt: tokio::runtime::Runtime,
+        mut tap: Tap,
+        mut stopped: watch::Receiver<bool>,
+    ) {
         let mut last_save = Instant::now();
         loop {
             let next = rt.block_on(async {
@@ -197,7 +202,7 @@ impl Worker {
     }
 
     /// Judges one committed batch, line by line, as `audit detect` judges a file.
-    fn judge(&mut self, rt: &tokio::runtime::Handle, batch: &[u8]) {
+    fn judge(&mut self, rt: &tokio::runtime::Runtime, batch: &[u8]) {
         for raw in batch.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
             let Ok(line) = serde_json::from_slice::<Value>(raw) else {
                 continue;
@@ -211,7 +216,7 @@ impl Worker {
     }
 
     /// One signal: its line, its metric and, when `lock_on` names it, its lock.
-    fn raise(&mut self, rt: &tokio::runtime::Handle, trigger: &Value, signal: &Signal) {
+    fn raise(&mut self, rt: &tokio::runtime::Runtime, trigger: &Value, signal: &Signal) {
         self.metrics.signal(signal.name.as_str());
         let entry = signal_entry(trigger, signal);
         tracing::warn!(signal = signal.name.as_str(), kind = signal.kind, subject = %signal.subject, "detection signal");

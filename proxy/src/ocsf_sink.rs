@@ -105,7 +105,7 @@ fn open(path: &Path) -> std::io::Result<File> {
 }
 
 fn run(
-    rt: tokio::runtime::Handle,
+    rt: tokio::runtime::Runtime,
     path: PathBuf,
     mut file: File,
     mut tap: Tap,

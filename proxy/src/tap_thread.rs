@@ -12,14 +12,22 @@ pub struct TapThread {
 }
 
 impl TapThread {
-    /// Starts `body` on a thread called `name`; it is given the runtime (to await on) and a
-    /// receiver that changes when [`TapThread::stop`] is called.
+    /// Starts `body` on a thread called `name`; it is given a runtime of its own to await on
+    /// and a receiver that changes when [`TapThread::stop`] is called.
+    ///
+    /// Its own (current-thread, timers only), not the sidecar's: a thread that awaited a
+    /// timer on the sidecar's runtime panicked when that runtime shut down first ("A Tokio
+    /// 1.x context was found, but it is being shutdown"). Channels and the log's commit
+    /// notices work across runtimes; when the sidecar's side is gone they close, and the
+    /// body sees that instead.
     pub fn spawn(
         name: &str,
-        body: impl FnOnce(tokio::runtime::Handle, watch::Receiver<bool>) + Send + 'static,
+        body: impl FnOnce(tokio::runtime::Runtime, watch::Receiver<bool>) + Send + 'static,
     ) -> std::io::Result<TapThread> {
         let (stop, stopped) = watch::channel(false);
-        let rt = tokio::runtime::Handle::current();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()?;
         let thread = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || body(rt, stopped))?;
@@ -37,5 +45,33 @@ impl TapThread {
         let Some(thread) = thread else { return true };
         let joined = tokio::task::spawn_blocking(move || thread.join());
         tokio::time::timeout(wait, joined).await.is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sidecar's runtime shuts down while the thread waits on a timer: the thread goes
+    /// on with its own runtime (it used to panic inside the timer).
+    #[test]
+    fn a_thread_outlives_the_runtime_that_started_it_without_a_panic() {
+        let sidecar = tokio::runtime::Runtime::new().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = sidecar.block_on(async {
+            TapThread::spawn("tap-test", move |rt, mut stopped| {
+                let woke = rt.block_on(async {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(300)) => "slept",
+                        _ = stopped.changed() => "stopped",
+                    }
+                });
+                let _ = tx.send(woke);
+            })
+            .unwrap()
+        });
+        drop(sidecar);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok("slept"));
+        drop(thread);
     }
 }
