@@ -258,7 +258,11 @@ impl Deployment {
 pub fn read_decisions(path: &Path) -> anyhow::Result<Vec<Value>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines()
+    // A line still being written (no newline yet) is not a line: the writer appends one
+    // line per write, and a read can land between its first bytes and its end.
+    let whole = text.rfind('\n').map_or("", |end| &text[..end]);
+    whole
+        .lines()
         .map(|l| serde_json::from_str(l).with_context(|| format!("bad decision line {l}")))
         .collect()
 }
