@@ -151,7 +151,9 @@ pub struct LiveBytes {
 }
 
 /// An input that, when it completes, ends the session with the reason it yields. One
-/// future for every cause: callers combine theirs (e.g. with `select!`).
+/// future for every cause: callers combine theirs (e.g. with `select!`). The relay polls it
+/// only after it woke the waker it was given ([`crate::stop_gate`]), so a signal that checks
+/// a flag without registering a waker would never be seen.
 pub type StopSignal<'a> = Pin<Box<dyn Future<Output = EndReason> + Send + 'a>>;
 
 /// How a relayed session ended, and what crossed it.
