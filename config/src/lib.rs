@@ -14,6 +14,7 @@
 pub mod decision;
 pub mod detect;
 pub mod error;
+pub mod fleet;
 pub mod mfa_roles;
 pub mod pattern;
 pub mod policy;
@@ -23,6 +24,7 @@ pub mod settings;
 pub use decision::{authorize, explain, Decision, Request, Verdict};
 pub use detect::DetectSettings;
 pub use error::ConfigError;
+pub use fleet::{FleetSettings, OnStale};
 pub use mfa_roles::{MfaRoles, Protection};
 pub use pattern::{IdPattern, PatternError};
 pub use policy::{Policy, PolicyError, RuleCounts, RuleKind, RuleRef};

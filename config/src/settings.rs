@@ -72,6 +72,19 @@
 //! file = "locks.json"             # default "locks.json": `eastwall lock` writes it, the sidecar
 //!                                 # watches it (a file name; not the policy file or the log)
 //!
+//! [fleet]                         # optional: policy, locks and logs shared over NATS JetStream
+//! nats = "tls://nats-1.internal:4222"  # required: tls:// only; comma-separated for a cluster
+//! name = "db-01"                  # required: this sidecar's name (eastwall.log.<name>)
+//! admins = ["dbas"]               # required: who may push policies and locks ([groups] or patterns)
+//! bucket = "eastwall"             # default: the key-value bucket (policy, lock.<id>, head.<name>)
+//! stream = "EASTWALL_LOG"         # default: the stream of decision lines (eastwall.log.>)
+//! cert = "certs/proxy.pem"        # default [listen] cert/key: the SVID presented to NATS
+//! ca = "ca/bundle.pem"            # default [listen] client_ca: verifies the NATS servers
+//! max_staleness = "5m"            # default 5m: the last good state serves this long offline
+//! on_stale = "refuse"             # default: past it, new connections are refused ("serve")
+//! head_interval = "5s"            # default 5s: how often the chain head is published
+//! backlog = 4096                  # default: log batches queued for NATS before some drop
+//!
 //! [limits]
 //! startup_timeout = "30s"         # default 30s: TLS + startup + MFA must finish within it
 //! max_connections = 1000          # default 1000
@@ -160,6 +173,8 @@ pub struct Settings {
     pub locks_file: PathBuf,
     /// `[detect]`: the detectors run inline, see [`crate::detect`].
     pub detect: DetectSettings,
+    /// `[fleet]`: the shared control plane, see [`crate::fleet`]; None when absent.
+    pub fleet: Option<crate::fleet::FleetSettings>,
     pub segments: BTreeMap<String, Vec<String>>,
     pub groups: BTreeMap<String, Vec<String>>,
     /// The policy file, resolved.
@@ -297,6 +312,7 @@ struct RawFile {
     limits: Option<RawLimits>,
     admin: Option<RawAdmin>,
     locks: Option<RawLocks>,
+    fleet: Option<crate::fleet::RawFleet>,
     /// Read key by key in `crate::detect`: most of it is the detectors' own settings.
     detect: Option<Spanned<toml::Table>>,
 }
@@ -433,7 +449,7 @@ impl Checker<'_> {
         self.dir.join(value)
     }
 
-    fn path(&mut self, key: &str, value: &Str) -> PathBuf {
+    pub(crate) fn path(&mut self, key: &str, value: &Str) -> PathBuf {
         if value.get_ref().is_empty() {
             self.invalid(
                 value.span(),
@@ -451,7 +467,12 @@ impl Checker<'_> {
         }
     }
 
-    fn duration(&mut self, key: &str, value: Option<&Str>, default: Duration) -> Duration {
+    pub(crate) fn duration(
+        &mut self,
+        key: &str,
+        value: Option<&Str>,
+        default: Duration,
+    ) -> Duration {
         self.opt_duration(key, value).unwrap_or(default)
     }
 
@@ -478,7 +499,7 @@ impl Checker<'_> {
         }
     }
 
-    fn int<T: TryFrom<i64>>(
+    pub(crate) fn int<T: TryFrom<i64>>(
         &mut self,
         key: &str,
         value: Option<&Spanned<i64>>,
@@ -860,6 +881,13 @@ impl Settings {
         };
         let admin = check_admin(&mut c, path, raw.admin.as_ref());
         let locks_file = check_locks_file(&mut c, raw.locks.as_ref(), &policy_file, &audit.path);
+        let fleet = crate::fleet::check_fleet(
+            &mut c,
+            raw.fleet.as_ref(),
+            &listen,
+            &groups,
+            trust_domain.as_ref(),
+        );
 
         match (trust_domain, listen_address, upstream) {
             (Some(trust_domain), Some(_), Some(upstream)) if c.problems.is_empty() => {
@@ -876,6 +904,7 @@ impl Settings {
                     admin,
                     locks_file,
                     detect,
+                    fleet,
                     segments,
                     groups,
                     policy_file,
