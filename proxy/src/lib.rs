@@ -29,6 +29,8 @@
 //! - [`detection`]: the seed's five detectors inline on the decision log; signals, automatic locks;
 //!   [`detect_replay`]: the same detectors over a recorded log (`eastwall audit detect`).
 //! - [`locks`]: operators' locks on identities, serials, sources and roles; the lock file.
+//! - [`fleet`]: many sidecars, one control plane on NATS JetStream: signed policy and locks
+//!   in a bucket, decision lines and chain heads in a stream, a fail-closed staleness bound.
 //! - [`quickstart`]: a complete sidecar layout in one folder; [`pgcluster`]: private
 //!   PostgreSQL clusters for the demo and the tests.
 //! - [`demo`]: the seed's lateral-movement story, played end to end in one command.
@@ -45,6 +47,7 @@ pub mod demo;
 pub mod detect_replay;
 pub mod detection;
 pub mod expiry;
+pub mod fleet;
 pub mod identity;
 pub mod locks;
 pub mod metrics;

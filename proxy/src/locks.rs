@@ -998,6 +998,10 @@ pub struct LockWatcher {
 }
 
 struct WatchState {
+    /// The locks the file holds (the set in force is these plus `fleet`).
+    file: Vec<Lock>,
+    /// The locks the fleet bucket holds ([`crate::fleet`]), verified.
+    fleet: Vec<Lock>,
     /// The stamp of the file the current set came from; None: there was no file.
     stamp: Option<Stamp>,
     /// The stamp of the last file refused, so one bad file is reported once, not every tick.
@@ -1024,6 +1028,8 @@ impl LockWatcher {
             path: path.to_owned(),
             trust_domain: td.clone(),
             state: Mutex::new(WatchState {
+                file: set.locks().to_vec(),
+                fleet: Vec::new(),
                 stamp,
                 refused: None,
                 checked_at: now,
@@ -1073,6 +1079,8 @@ impl LockWatcher {
                 Ok((set, stamp)) => {
                     state.stamp = stamp;
                     state.refused = None;
+                    state.file = set.locks().to_vec();
+                    let set = union(&state.file, &state.fleet);
                     // The same locks rewritten: nothing to publish, no session to wake.
                     if set.locks() != before.locks() {
                         after = Arc::new(set);
@@ -1094,6 +1102,72 @@ impl LockWatcher {
         state.checked_at = now;
         out
     }
+}
+
+impl LockWatcher {
+    /// Replaces the fleet's locks (already verified) and reports what changed up to `now`,
+    /// as [`LockWatcher::refresh`] does for the file: live sessions a new lock matches are
+    /// woken through the same channel.
+    pub fn set_fleet(&self, fleet: Vec<Lock>, now: SystemTime) -> Vec<LockEvent> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let before = self.current();
+        let then = state.checked_at;
+        state.fleet = fleet;
+        let after = union(&state.file, &state.fleet);
+        let mut events = Vec::new();
+        if after.locks() != before.locks() {
+            let after = Arc::new(after);
+            events = changes(&before, then, &after, now);
+            self.current.send_replace(after);
+            state.checked_at = now;
+        }
+        events
+    }
+
+    /// The fleet's locks in force now (for the fleet task's bookkeeping).
+    pub fn fleet_locks(&self) -> Vec<Lock> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.fleet.clone()
+    }
+}
+
+/// The file's locks and the fleet's, as one set. A fleet lock whose id a different file
+/// lock already has stays in force under `<id>@fleet`: both hold (fail closed).
+fn union(file: &[Lock], fleet: &[Lock]) -> LockSet {
+    let mut all = file.to_vec();
+    let mut ids: std::collections::HashSet<String> = file.iter().map(|l| l.id.clone()).collect();
+    for lock in fleet {
+        if all.iter().any(|l| l == lock) {
+            continue;
+        }
+        let mut id = lock.id.clone();
+        let mut n = 0;
+        while ids.contains(&id) {
+            n += 1;
+            id = format!(
+                "{}@fleet{}",
+                lock.id,
+                if n > 1 { n.to_string() } else { String::new() }
+            );
+        }
+        ids.insert(id.clone());
+        all.push(Lock { id, ..lock.clone() });
+    }
+    // Every id is unique by construction, so this cannot refuse; were it to, keeping every
+    // lock matters more than the index, so refuse nothing silently: the file's set stays.
+    LockSet::new(all).unwrap_or_else(|_| LockSet::new(file.to_vec()).unwrap_or_default())
+}
+
+/// One lock as the JSON record the lock file holds (what the fleet bucket carries).
+pub fn lock_to_json(lock: &Lock) -> serde_json::Value {
+    serde_json::to_value(LockRecord::of(lock)).unwrap_or_default()
+}
+
+/// One lock from such a record, checked as strictly as a lock file's.
+pub fn lock_from_json(value: serde_json::Value, td: &TrustDomain) -> Result<Lock, String> {
+    let record: LockRecord =
+        serde_json::from_value(value).map_err(|e| format!("not a lock record: {e}"))?;
+    record.into_lock(td)
 }
 
 /// One upkeep tick: re-reads the lock file and writes its `lock` lines, and an alert line

@@ -31,6 +31,8 @@ enum Command {
     Audit(cli::audit::Args),
     /// Lock out an identity pattern, certificate serial, source range or role; list; lift.
     Lock(cli::lock::Args),
+    /// Push the policy to every sidecar of a fleet (NATS JetStream), signed.
+    Fleet(cli::fleet::Args),
     /// List the running sidecar's live sessions, or kill one.
     Sessions(cli::sessions::Args),
     /// Play the lateral-movement story against a private PostgreSQL, in one command.
@@ -51,6 +53,7 @@ fn main() -> std::process::ExitCode {
         Command::Mfa(args) => cli::mfa::run(args),
         Command::Audit(args) => cli::audit::run(args),
         Command::Lock(args) => cli::lock::run(args),
+        Command::Fleet(args) => cli::fleet::run(args),
         Command::Demo(args) => cli::demo::run(args),
         Command::Sessions(args) => cli::sessions::run(args),
     };

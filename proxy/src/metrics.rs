@@ -143,6 +143,8 @@ pub struct Metrics {
     detect_dropped: Counter,
     detect_state_bytes: Gauge,
     ocsf_dropped: Counter,
+    /// `[fleet]`: see [`FleetMetrics`].
+    pub fleet: FleetMetrics,
     handshake: Histogram,
     upstream_login: Histogram,
     audit_write: Histogram,
@@ -152,6 +154,61 @@ pub struct Metrics {
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// The fleet control plane's figures (all zero without `[fleet]`).
+#[derive(Clone, Default)]
+pub struct FleetMetrics {
+    /// 1 while the last read of the bucket succeeded within `max_staleness`, else 0.
+    pub fresh: Gauge,
+    /// Seconds since the bucket was last read successfully.
+    pub staleness: Gauge,
+    /// The version of the fleet policy in force (0: the local policy file).
+    pub policy_version: Gauge,
+    /// Decision-log lines published to the fleet stream.
+    pub published: Counter,
+    /// Lines the fleet copy missed (backlog full or publish failed); the local log has them.
+    pub dropped: Counter,
+    /// Values in the bucket refused (bad signature, not an admin, rollback, invalid).
+    pub refused: Counter,
+}
+
+impl FleetMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = FleetMetrics::default();
+        registry.register(
+            "fleet_fresh",
+            "1 while the fleet control plane was read within [fleet] max_staleness",
+            m.fresh.clone(),
+        );
+        registry.register_with_unit(
+            "fleet_staleness",
+            "Time since the fleet bucket was last read successfully",
+            Unit::Seconds,
+            m.staleness.clone(),
+        );
+        registry.register(
+            "fleet_policy_version",
+            "Version of the fleet policy bundle in force (0: the local policy file)",
+            m.policy_version.clone(),
+        );
+        registry.register(
+            "fleet_lines_published",
+            "Decision-log lines published to the fleet stream",
+            m.published.clone(),
+        );
+        registry.register(
+            "fleet_lines_dropped",
+            "Decision-log lines the fleet stream missed (the local log has every line)",
+            m.dropped.clone(),
+        );
+        registry.register(
+            "fleet_values_refused",
+            "Values in the fleet bucket refused (signature, signer, rollback or content)",
+            m.refused.clone(),
+        );
+        m
     }
 }
 
@@ -221,6 +278,7 @@ impl Metrics {
             "Decision-log lines the [audit] ocsf file missed because its queue was full",
             ocsf_dropped.clone(),
         );
+        let fleet = FleetMetrics::register(&mut registry);
         let sessions_active = Gauge::default();
         registry.register(
             "sessions_active",
@@ -287,6 +345,7 @@ impl Metrics {
             detect_dropped,
             detect_state_bytes,
             ocsf_dropped,
+            fleet,
             handshake,
             upstream_login,
             audit_write,

@@ -140,22 +140,61 @@ fn restart_needed(running: &Settings, new: &Settings) -> Vec<&'static str> {
     differ("admin", running.admin == new.admin);
     differ("locks", running.locks_file == new.locks_file);
     differ("detect", running.detect == new.detect);
+    differ("fleet", running.fleet == new.fleet);
     keys
 }
 
 async fn apply(sidecar: &Sidecar, config: Config) -> Outcome {
     let Config { settings, policy } = config;
     let waiting = restart_needed(&sidecar.settings, &settings);
+    // A fleet policy, once received, is the one in force: the file's waits (the line says so)
+    // rather than two sources taking turns.
+    let fleet_version = sidecar.fleet.as_ref().map_or(0, |f| f.policy_version());
+    let (ended, counts) = if fleet_version > 0 {
+        (0, sidecar.policy().counts())
+    } else {
+        let counts = policy.counts();
+        (put_in_force(sidecar, policy), counts)
+    };
+    tracing::info!(
+        rules = sidecar.policy().rule_count(),
+        sessions_ended = ended,
+        restart_needed = ?waiting,
+        "configuration reloaded"
+    );
+    let mut entry = reload_entry("ok");
+    entry.reason = "reloaded".into();
+    entry.extra.insert(
+        "rules".into(),
+        json!({"allow": counts.allow, "deny": counts.deny, "deny_and_alert": counts.deny_and_alert}),
+    );
+    entry.extra.insert("sessions_ended".into(), json!(ended));
+    if fleet_version > 0 {
+        entry.extra.insert(
+            "policy_source".into(),
+            json!(format!("fleet version {fleet_version}; the policy file is not applied while a fleet policy is in force")),
+        );
+    }
+    if !waiting.is_empty() {
+        entry.extra.insert("restart_needed".into(), json!(waiting));
+    }
+    sidecar.write(entry).await;
+    Outcome::Applied {
+        sessions_ended: ended,
+    }
+}
+
+/// Puts `policy` in force and re-judges every live session as if it arrived now (an
+/// operator's session counts as stepped up: it did, at admission), ending those it no
+/// longer allows. Returns how many ended. A file reload and a fleet push both come here.
+pub fn put_in_force(sidecar: &Sidecar, policy: eastwall_config::Policy) -> usize {
     // The policy is judged for the running sidecar's own segment and port.
     let roles = Arc::new(crate::sidecar::mfa_roles(&sidecar.settings, &policy));
     let policy = Arc::new(policy);
     *sidecar.policy.write().unwrap_or_else(|p| p.into_inner()) = policy.clone();
     *sidecar.mfa_roles.write().unwrap_or_else(|p| p.into_inner()) = roles.clone();
-
-    // Re-judge every live session as if it arrived now (an operator's session counts as
-    // stepped up: it did, at admission).
     let settings_now = &sidecar.settings;
-    let ended = sidecar.sessions.end_matching(|info| {
+    sidecar.sessions.end_matching(|info| {
         let decision = authorize(
             &policy,
             &Request {
@@ -170,26 +209,5 @@ async fn apply(sidecar: &Sidecar, config: Config) -> Outcome {
             },
         );
         (decision.verdict != Verdict::Allow).then_some(EndReason::PolicyChanged)
-    });
-    let counts = policy.counts();
-    tracing::info!(
-        rules = policy.rule_count(),
-        sessions_ended = ended,
-        restart_needed = ?waiting,
-        "configuration reloaded"
-    );
-    let mut entry = reload_entry("ok");
-    entry.reason = "reloaded".into();
-    entry.extra.insert(
-        "rules".into(),
-        json!({"allow": counts.allow, "deny": counts.deny, "deny_and_alert": counts.deny_and_alert}),
-    );
-    entry.extra.insert("sessions_ended".into(), json!(ended));
-    if !waiting.is_empty() {
-        entry.extra.insert("restart_needed".into(), json!(waiting));
-    }
-    sidecar.write(entry).await;
-    Outcome::Applied {
-        sessions_ended: ended,
-    }
+    })
 }

@@ -61,6 +61,8 @@ pub enum StartError {
     Detect(#[from] crate::detection::DetectError),
     #[error(transparent)]
     Ocsf(#[from] crate::ocsf_sink::OcsfSinkError),
+    #[error(transparent)]
+    Fleet(Box<crate::fleet::client::ClientError>),
     #[error("cannot listen on {addr} for [admin] listen (/healthz, /readyz, /metrics): {source}; choose another address or set listen = \"off\"")]
     AdminListen {
         addr: SocketAddr,
@@ -188,7 +190,12 @@ pub async fn prepare(config: Config) -> Result<Sidecar, StartError> {
         .check_role
         .clone()
         .map(crate::privilege_pool::CheckPool::new);
+    let fleet = settings
+        .fleet
+        .clone()
+        .map(|f| crate::fleet::Fleet::new(f, std::time::SystemTime::now()));
     let sidecar = Sidecar {
+        fleet,
         check_pool,
         cancels: CancelRegistry::new(settings.limits.cancels_per_second),
         startup_slots: StartupSlots::new(settings.limits.max_startups_per_source),
@@ -270,6 +277,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     };
 
     spawn_upkeep(sidecar.clone(), rest_watcher.clone());
+    spawn_fleet(&sidecar, rest_watcher.clone()).await?;
     admin.serve(sidecar.clone(), rest_watcher);
     let accept_task = tokio::spawn(accept_loop(sidecar.clone(), listener, watcher));
     tracing::info!(listen = %local_addr, upstream = %sidecar.upstream.describe(), guards = %sidecar.settings.guards, admin = %admin.path().display(), "eastwall sidecar listening");
@@ -283,6 +291,32 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         accept_task,
         admin,
     })
+}
+
+/// `[fleet]`: connects in the background (the sidecar serves its local state until NATS
+/// answers) and starts the bucket reader and the log publisher.
+async fn spawn_fleet(
+    sidecar: &Arc<Sidecar>,
+    stop: watch::Receiver<bool>,
+) -> Result<(), StartError> {
+    let Some(fleet) = &sidecar.fleet else {
+        return Ok(());
+    };
+    let settings = &fleet.settings;
+    let client =
+        crate::fleet::client::connect(settings, &format!("eastwall {}", settings.name), true)
+            .await
+            .map_err(|e| StartError::Fleet(Box::new(e)))?;
+    let tap = sidecar.audit.tap(settings.backlog);
+    tokio::spawn(crate::fleet::publish::run(
+        client.clone(),
+        settings.clone(),
+        tap,
+        sidecar.metrics.clone(),
+        stop.clone(),
+    ));
+    tokio::spawn(crate::fleet::sync::run(sidecar.clone(), client, stop));
+    Ok(())
 }
 
 async fn accept_loop(
@@ -480,6 +514,8 @@ impl crate::admin::Health for Sidecar {
 
     fn metrics(&self, openmetrics: bool) -> String {
         let live = self.live_sessions();
+        // Staleness grows while a read hangs: computed at scrape time, not per read.
+        crate::fleet::sync::publish_state(self);
         if openmetrics {
             self.metrics.encode(live)
         } else {
@@ -494,6 +530,13 @@ impl crate::admin::Health for Sidecar {
             let mut failing = Vec::new();
             if self.draining() {
                 failing.push("draining: the sidecar is shutting down".to_owned());
+            }
+            if let Some(why) = self
+                .fleet
+                .as_ref()
+                .and_then(|f| f.refusal(std::time::SystemTime::now()))
+            {
+                failing.push(format!("fleet: {why}"));
             }
             if !self.audit.last_write_ok() {
                 // Without traffic nothing would write again, and a sidecar taken out of

@@ -352,6 +352,7 @@ async fn admit(
     // PostgreSQL's own log and pg_stat_activity name the Eastwall connection.
     crate::params::tag_application_name(&mut forwarded, &candidate.conn_id);
     check_locks(sidecar, &mut candidate)?;
+    check_fleet(sidecar, &mut candidate)?;
     let places = hold_places(sidecar, &mut candidate)?;
     let decision =
         decide_and_step_up(sidecar, &mut candidate, tls, auth_time_left, &places).await?;
@@ -484,6 +485,25 @@ fn check_locks(sidecar: &Sidecar, c: &mut Candidate) -> Result<(), Refusal> {
             Err(c.deny(
                 crate::locks::LockRefusal::REASON,
                 crate::locks::LockRefusal::SQLSTATE,
+                message,
+            ))
+        }
+    }
+}
+
+/// Past `[fleet] max_staleness` (with `on_stale = "refuse"`), the last good policy and
+/// locks may be missing a lock placed since: new connections are refused (fail closed).
+fn check_fleet(sidecar: &Sidecar, c: &mut Candidate) -> Result<(), Refusal> {
+    let Some(fleet) = &sidecar.fleet else {
+        return Ok(());
+    };
+    match fleet.refusal(std::time::SystemTime::now()) {
+        None => Ok(()),
+        Some(why) => {
+            let message = format!("{why} (Eastwall connection {})", c.conn_id);
+            Err(c.deny(
+                crate::fleet::STALE_REASON,
+                crate::fleet::STALE_SQLSTATE,
                 message,
             ))
         }

@@ -69,6 +69,8 @@ pub struct Sidecar {
     pub expiry_warned: Mutex<HashMap<&'static str, Instant>>,
     /// The `[audit] ocsf` export; None when not configured.
     pub ocsf: Option<crate::ocsf_sink::OcsfSink>,
+    /// `[fleet]`: the shared control plane's state; None when not configured.
+    pub fleet: Option<crate::fleet::Fleet>,
 }
 
 /// A budget of connections in one phase, per source and (optionally) over all sources.

@@ -602,6 +602,7 @@ impl ClientCertVerifier for SvidVerifier {
 struct Built {
     config: Arc<ServerConfig>,
     revocation: Option<Arc<Revocation>>,
+    verifier: Arc<SvidVerifier>,
 }
 
 /// Builds the client-facing config: TLS 1.3 and 1.2, a client certificate is mandatory and
@@ -618,15 +619,16 @@ fn build(files: &ServerTlsFiles) -> Result<Built, TlsError> {
         )?)),
         None => None,
     };
-    let verifier =
+    let verifier = Arc::new(
         SvidVerifier::new(roots, revocation.clone()).map_err(|source| TlsError::Verifier {
             path: files.client_ca.clone(),
             source,
-        })?;
+        })?,
+    );
     let certs = load_certs(&files.cert, "server certificates")?;
     let key = load_key(&files.key)?;
     let mut config = ServerConfig::builder()
-        .with_client_cert_verifier(Arc::new(verifier))
+        .with_client_cert_verifier(verifier.clone())
         .with_single_cert(certs, key)
         .map_err(|source| TlsError::Config {
             path: files.cert.clone(),
@@ -641,7 +643,32 @@ fn build(files: &ServerTlsFiles) -> Result<Built, TlsError> {
     Ok(Built {
         config: Arc::new(config),
         revocation,
+        verifier,
     })
+}
+
+/// The verifier client handshakes use, built from the trust bundle and CRL files alone:
+/// what the CLI checks a signer's certificate with (`eastwall fleet push`, `audit --fleet`).
+pub fn svid_verifier(
+    client_ca: &Path,
+    crl: Option<&Path>,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let anchors = load_certs(client_ca, "CA certificates")?;
+    let roots = Arc::new(roots_from(client_ca, &anchors)?);
+    let revocation = match crl {
+        Some(path) => Some(Arc::new(Revocation::load(path, &anchors).map_err(
+            |problem| TlsError::Crl {
+                path: path.to_owned(),
+                problem,
+            },
+        )?)),
+        None => None,
+    };
+    let verifier = SvidVerifier::new(roots, revocation).map_err(|source| TlsError::Verifier {
+        path: client_ca.to_owned(),
+        source,
+    })?;
+    Ok(Arc::new(verifier))
 }
 
 /// The highest CRL number seen per trust-anchor key, persisted so that a restart cannot be
@@ -747,6 +774,7 @@ struct Current {
     fingerprint: Vec<Option<SystemTime>>,
     config: Arc<ServerConfig>,
     revocation: Option<Arc<Revocation>>,
+    verifier: Arc<SvidVerifier>,
 }
 
 /// A server config that is rebuilt when its files change, so a new CRL takes effect on the
@@ -788,6 +816,7 @@ impl ReloadingServerConfig {
                 fingerprint,
                 config: built.config,
                 revocation: built.revocation,
+                verifier: built.verifier,
             }),
             reloading: Mutex::new(()),
             failures: AtomicU64::new(0),
@@ -826,6 +855,12 @@ impl ReloadingServerConfig {
     /// The config for the next handshake.
     pub fn get(&self) -> Arc<ServerConfig> {
         self.read().config.clone()
+    }
+
+    /// The client-certificate verifier in force (chain and CRL): what fleet signatures
+    /// are checked with, so a revoked admin's push is refused like their connection.
+    pub fn client_verifier(&self) -> Arc<dyn ClientCertVerifier> {
+        self.read().verifier.clone()
     }
 
     /// Serials (lowercase hex) the CRLs in force revoke; empty without a CRL.
@@ -871,6 +906,7 @@ impl ReloadingServerConfig {
             Ok(built) => {
                 current.config = built.config;
                 current.revocation = built.revocation;
+                current.verifier = built.verifier;
                 Ok(true)
             }
             Err(err) => {

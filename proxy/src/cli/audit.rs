@@ -22,10 +22,16 @@ pub enum Command {
     /// Exits 0 when the chain is intact; otherwise prints FILE:LINE and what is wrong with
     /// the first bad line, and exits 1. Rotated logs are given oldest first
     /// (`decisions.log.1 decisions.log`): each must continue the one before it.
+    ///
+    /// With --fleet, also compares the files with what this sidecar published to the fleet
+    /// stream (its lines and chain heads): a line rewritten here after it was published, even
+    /// with the chain recomputed, no longer matches, and the command exits 1.
     Verify {
         /// The decision log (JSON lines) to check; several for a rotated log, oldest first.
         #[arg(required = true, num_args = 1..)]
         files: Vec<PathBuf>,
+        #[command(flatten)]
+        fleet: FleetRead,
     },
     /// Run the seed's five detectors over a recorded decision log and print their signals.
     ///
@@ -33,10 +39,16 @@ pub enum Command {
     /// not judged. The detectors are the sidecar's own, tuned by the config's [detect]
     /// table when --config is given, so a replay finds what the sidecar found inline. They
     /// start from nothing (learning), or from a saved state (--state, read only).
+    ///
+    /// With --fleet (and no files), the lines every sidecar of the config's [fleet] published
+    /// are merged in time order and judged together, so a pattern spread across databases
+    /// behind several sidecars (fan-out) is seen; each database is named `<sidecar>/<db>`.
     Detect {
         /// The decision log; several for a rotated log, oldest first.
-        #[arg(required = true, num_args = 1..)]
+        #[arg(required_unless_present = "fleet", num_args = 1..)]
         files: Vec<PathBuf>,
+        #[command(flatten)]
+        fleet: FleetRead,
         /// eastwall.toml whose [detect] settings to use (default: the detectors' defaults).
         #[arg(long)]
         config: Option<PathBuf>,
@@ -105,15 +117,62 @@ pub enum Command {
     },
 }
 
+/// `--fleet`: read the fleet's copy with the operator's SVID (the config names the fleet).
+#[derive(Debug, clap::Args)]
+pub struct FleetRead {
+    /// Compare with (verify) or judge (detect) the fleet stream of the config's [fleet].
+    #[arg(long, requires_all = ["fleet_config", "cert", "key"])]
+    fleet: bool,
+    /// With --fleet: the eastwall.toml holding [fleet] (for detect, also its [detect]).
+    #[arg(long = "fleet-config", value_name = "FILE", requires = "fleet")]
+    fleet_config: Option<PathBuf>,
+    /// With --fleet: the certificate to connect to NATS with.
+    #[arg(long, value_name = "FILE", requires = "fleet")]
+    cert: Option<PathBuf>,
+    /// With --fleet: its private key.
+    #[arg(long, value_name = "FILE", requires = "fleet")]
+    key: Option<PathBuf>,
+}
+
+impl FleetRead {
+    fn parts(&self) -> Option<(&Path, crate::cli::fleet::Signer)> {
+        match (self.fleet, &self.fleet_config, &self.cert, &self.key) {
+            (true, Some(config), Some(cert), Some(key)) => Some((
+                config.as_path(),
+                crate::cli::fleet::Signer {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                },
+            )),
+            _ => None,
+        }
+    }
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
-        Command::Verify { files } => verify(files),
+        Command::Verify { files, fleet } => {
+            verify(files.clone())?;
+            if let Some((config, signer)) = fleet.parts() {
+                if !crate::cli::fleet::verify(config, &signer, &files)? {
+                    std::process::exit(1);
+                }
+            }
+            Ok(())
+        }
         Command::Detect {
             files,
+            fleet,
             config,
             state,
             json,
-        } => detect(files, config, state, json),
+        } => match fleet.parts() {
+            Some((fleet_config, signer)) if files.is_empty() => {
+                crate::cli::fleet::detect(fleet_config, &signer, json)
+            }
+            Some(_) => anyhow::bail!("--fleet judges the fleet's merged stream: give no files"),
+            None => detect(files, config, state, json),
+        },
         Command::Ocsf { files, out, force } => ocsf(&files, out.as_deref(), force),
         Command::Report {
             files,

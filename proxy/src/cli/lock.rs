@@ -34,6 +34,8 @@ enum Command {
         /// Shown to refused clients and written in the decision log.
         #[arg(long, value_name = "TEXT", default_value = "")]
         message: String,
+        #[command(flatten)]
+        fleet: FleetArgs,
     },
     /// List the locks in force.
     List {
@@ -46,7 +48,36 @@ enum Command {
         config: PathBuf,
         #[arg(value_name = "LOCK_ID")]
         id: String,
+        #[command(flatten)]
+        fleet: FleetArgs,
     },
+}
+
+/// `--fleet`: the lock goes to every sidecar of the config's [fleet], signed by the
+/// operator's SVID, instead of this host's lock file.
+#[derive(Debug, clap::Args)]
+struct FleetArgs {
+    /// Publish to the fleet bucket instead of the local lock file.
+    #[arg(long, requires_all = ["cert", "key"])]
+    fleet: bool,
+    /// With --fleet: the operator's certificate (an identity in [fleet] admins).
+    #[arg(long, value_name = "FILE", requires = "fleet")]
+    cert: Option<PathBuf>,
+    /// With --fleet: its private key.
+    #[arg(long, value_name = "FILE", requires = "fleet")]
+    key: Option<PathBuf>,
+}
+
+impl FleetArgs {
+    fn signer(&self) -> Option<crate::cli::fleet::Signer> {
+        match (self.fleet, &self.cert, &self.key) {
+            (true, Some(cert), Some(key)) => Some(crate::cli::fleet::Signer {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// Exactly one target.
@@ -74,9 +105,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             target,
             ttl,
             message,
-        } => add(&config, &target, ttl.as_deref(), message),
+            fleet,
+        } => match fleet.signer() {
+            Some(signer) => add_fleet(&config, &signer, &target, ttl.as_deref(), message),
+            None => add(&config, &target, ttl.as_deref(), message),
+        },
         Command::List { config } => list(&config),
-        Command::Remove { config, id } => remove(&config, &id),
+        Command::Remove { config, id, fleet } => match fleet.signer() {
+            Some(signer) => {
+                crate::cli::fleet::remove_lock(&config, &signer, &id)?;
+                outln!("removed fleet lock {id}; every sidecar lifts it within 2 s");
+                Ok(())
+            }
+            None => remove(&config, &id),
+        },
     }
 }
 
@@ -92,24 +134,8 @@ fn add(
 ) -> anyhow::Result<()> {
     let settings = settings(config)?;
     let td = &settings.trust_domain;
-    let target = match target {
-        TargetArgs { id: Some(p), .. } => Target::id(p, td),
-        TargetArgs {
-            serial: Some(s), ..
-        } => Target::serial(s),
-        TargetArgs {
-            source: Some(c), ..
-        } => Target::source(c),
-        TargetArgs { role: Some(r), .. } => Target::role(r),
-        _ => anyhow::bail!("expected one of --id, --serial, --source or --role"),
-    }?;
-    let ttl = ttl
-        .map(|t| {
-            humantime::parse_duration(t).with_context(|| {
-                format!("--ttl {t:?}: expected a duration such as \"30m\", \"8h\" or \"2d\"")
-            })
-        })
-        .transpose()?;
+    let target = parse_target(target, td)?;
+    let ttl = parse_ttl(ttl)?;
     let now = SystemTime::now();
     let created_by = locks::os_user();
     let lock = locks::edit(&settings.locks_file, td, now, |set| {
@@ -125,6 +151,60 @@ fn add(
         expires(&lock)
     );
     Ok(())
+}
+
+fn add_fleet(
+    config: &std::path::Path,
+    signer: &crate::cli::fleet::Signer,
+    target: &TargetArgs,
+    ttl: Option<&str>,
+    message: String,
+) -> anyhow::Result<()> {
+    let lock = crate::cli::fleet::add_lock(config, signer, |settings, signer_id| {
+        let target = parse_target(target, &settings.trust_domain)?;
+        let ttl = parse_ttl(ttl)?;
+        Ok(Lock::new(
+            target,
+            ttl,
+            message,
+            signer_id,
+            SystemTime::now(),
+            &locks::LockSet::default(),
+        )?)
+    })?;
+    outln!("{}", lock.id);
+    eprintln!(
+        "eastwall: locked {} ({}) on every sidecar of the fleet; each applies it within 2 s",
+        lock.target,
+        expires(&lock)
+    );
+    Ok(())
+}
+
+fn parse_ttl(ttl: Option<&str>) -> anyhow::Result<Option<std::time::Duration>> {
+    ttl.map(|t| {
+        humantime::parse_duration(t).with_context(|| {
+            format!("--ttl {t:?}: expected a duration such as \"30m\", \"8h\" or \"2d\"")
+        })
+    })
+    .transpose()
+}
+
+fn parse_target(
+    target: &TargetArgs,
+    td: &eastwall_ca::spiffe::TrustDomain,
+) -> anyhow::Result<Target> {
+    Ok(match target {
+        TargetArgs { id: Some(p), .. } => Target::id(p, td),
+        TargetArgs {
+            serial: Some(s), ..
+        } => Target::serial(s),
+        TargetArgs {
+            source: Some(c), ..
+        } => Target::source(c),
+        TargetArgs { role: Some(r), .. } => Target::role(r),
+        _ => anyhow::bail!("expected one of --id, --serial, --source or --role"),
+    }?)
 }
 
 fn expires(lock: &Lock) -> String {

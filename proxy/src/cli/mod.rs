@@ -45,6 +45,7 @@ pub mod audit;
 pub mod ca;
 pub mod check;
 pub mod demo;
+pub mod fleet;
 pub mod lock;
 pub mod mfa;
 pub mod policy;

@@ -1,0 +1,299 @@
+//! The sidecar's fleet task: reads the whole bucket whenever the watch says it changed (and every few seconds regardless), verifies each value, and applies the policy and the locks through the same paths as a local change.
+//!
+//! A full read, not a stream of deltas: the state applied is always "what the bucket holds
+//! now, verified", so a missed or reordered update cannot leave a sidecar half-applied, and
+//! a successful read is exactly what `max_staleness` measures from.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream::kv::Store;
+use futures_util::StreamExt;
+use serde_json::json;
+use tokio::sync::watch;
+
+use super::bundle::{self, LockValue, PolicyBundle, LOCK_PREFIX, POLICY_KEY};
+use super::signed::{SignedError, Trust};
+use crate::audit::Entry;
+use crate::locks::Lock;
+use crate::sidecar::Sidecar;
+
+/// The longest wait between two reads when nothing changes.
+const MAX_TICK: Duration = Duration::from_secs(10);
+
+/// How often the bucket is read without a change: often enough that staleness is noticed
+/// well inside `max_staleness`.
+fn tick(max_staleness: Duration) -> Duration {
+    (max_staleness / 4).clamp(Duration::from_millis(500), MAX_TICK)
+}
+
+/// What the task remembers between reads.
+#[derive(Default)]
+struct Memory {
+    /// (key, revision) of values already refused: each is reported once.
+    refused: HashMap<String, u64>,
+    /// The fleet's locks by key, as last applied.
+    locks: BTreeMap<String, Lock>,
+    /// Whether the last read failed (its error is reported once per outage).
+    failing: bool,
+}
+
+/// Runs until `stop` changes. Never returns an error: an unreachable NATS is staleness.
+pub async fn run(
+    sidecar: Arc<Sidecar>,
+    client: async_nats::Client,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Some(fleet) = sidecar.fleet.as_ref() else {
+        return;
+    };
+    let settings = fleet.settings.clone();
+    let js = async_nats::jetstream::new(client);
+    let mut memory = Memory::default();
+    let mut store: Option<Store> = None;
+    let mut changes: Option<async_nats::jetstream::kv::Watch> = None;
+    let period = tick(settings.max_staleness);
+    loop {
+        if store.is_none() {
+            store = super::client::bucket(&js, &settings).await.ok();
+        }
+        if let (Some(kv), None) = (&store, &changes) {
+            changes = tokio::time::timeout(super::client::REQUEST_TIMEOUT, kv.watch_all())
+                .await
+                .ok()
+                .and_then(Result::ok);
+        }
+        let read = match &store {
+            Some(kv) => read_all(kv).await,
+            None => Err("the bucket cannot be opened".to_owned()),
+        };
+        match read {
+            Ok(values) => {
+                if memory.failing {
+                    tracing::info!("fleet control plane reachable again");
+                }
+                memory.failing = false;
+                apply(&sidecar, values, &mut memory).await;
+                fleet.contact(SystemTime::now());
+            }
+            Err(err) => {
+                if !memory.failing {
+                    tracing::warn!(%err, "cannot read the fleet bucket; serving the last good state");
+                    let mut entry = fleet_entry("fleet_unreachable");
+                    entry.alert = true;
+                    entry.extra.insert("detail".into(), json!(err));
+                    sidecar.write(entry).await;
+                }
+                memory.failing = true;
+                // A watch over a dead connection may never yield again; make a new one.
+                changes = None;
+            }
+        }
+        publish_state(&sidecar);
+        tokio::select! {
+            _ = stop.changed() => return,
+            () = tokio::time::sleep(period) => {}
+            next = async {
+                match changes.as_mut() {
+                    Some(w) => w.next().await.map(|_| ()),
+                    None => std::future::pending().await,
+                }
+            } => {
+                if next.is_none() { changes = None; }
+                // Let a burst of puts (a push of several locks) arrive before one read.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Refreshes the staleness figures for `/metrics`.
+pub fn publish_state(sidecar: &Sidecar) {
+    let Some(fleet) = sidecar.fleet.as_ref() else {
+        return;
+    };
+    let now = SystemTime::now();
+    let m = &sidecar.metrics.fleet;
+    m.staleness
+        .set(i64::try_from(fleet.staleness(now).as_secs()).unwrap_or(i64::MAX));
+    m.fresh.set(i64::from(fleet.synced() && !fleet.stale(now)));
+    m.policy_version
+        .set(i64::try_from(fleet.policy_version()).unwrap_or(i64::MAX));
+}
+
+/// Every key's latest value, with its revision.
+async fn read_all(kv: &Store) -> Result<Vec<(String, u64, Vec<u8>)>, String> {
+    let timeout = super::client::REQUEST_TIMEOUT * 5;
+    tokio::time::timeout(timeout, async {
+        let keys: Vec<String> = kv
+            .keys()
+            .await
+            .map_err(|e| e.to_string())?
+            .filter_map(|k| async move { k.ok() })
+            .collect()
+            .await;
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            if let Some(entry) = kv.entry(key.clone()).await.map_err(|e| e.to_string())? {
+                if entry.operation == async_nats::jetstream::kv::Operation::Put {
+                    out.push((key, entry.revision, entry.value.to_vec()));
+                }
+            }
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|_| format!("no answer within {timeout:?}"))?
+}
+
+fn fleet_entry(event: &'static str) -> Entry {
+    Entry {
+        conn_id: crate::identity::new_conn_id(),
+        event,
+        ..Entry::default()
+    }
+}
+
+async fn refuse(sidecar: &Sidecar, memory: &mut Memory, key: &str, revision: u64, why: String) {
+    if memory.refused.get(key) == Some(&revision) {
+        return;
+    }
+    memory.refused.insert(key.to_owned(), revision);
+    sidecar.metrics.fleet.refused.inc();
+    tracing::error!(key, revision, error = %why, "fleet value refused; the state in force stays");
+    let mut entry = fleet_entry("fleet_refused");
+    entry.alert = true;
+    entry.reason = "fleet_value_refused".into();
+    entry.extra.insert("key".into(), json!(key));
+    entry.extra.insert("revision".into(), json!(revision));
+    entry.extra.insert("detail".into(), json!(why));
+    sidecar.write(entry).await;
+}
+
+async fn apply(sidecar: &Sidecar, values: Vec<(String, u64, Vec<u8>)>, memory: &mut Memory) {
+    let Some(fleet) = sidecar.fleet.as_ref() else {
+        return;
+    };
+    let now = SystemTime::now();
+    let trust = Trust {
+        verifier: sidecar.tls.client_verifier(),
+        trust_domain: sidecar.settings.trust_domain.clone(),
+        admins: fleet.settings.admins.clone(),
+    };
+    let mut locks = memory.locks.clone();
+    let mut present = std::collections::HashSet::new();
+    for (key, revision, raw) in values {
+        present.insert(key.clone());
+        if key != POLICY_KEY && !key.starts_with(LOCK_PREFIX) {
+            continue; // heads and anything else: not state
+        }
+        let verified = match trust.verify(&key, &raw, now) {
+            Ok(v) => v,
+            Err(err) => {
+                let why = match err {
+                    SignedError::NotAdmin(_) | SignedError::Untrusted(_) => err.to_string(),
+                    other => other.to_string(),
+                };
+                refuse(sidecar, memory, &key, revision, why).await;
+                continue;
+            }
+        };
+        if key == POLICY_KEY {
+            if let Err(why) = apply_policy(sidecar, &verified.body, &verified.signer).await {
+                refuse(sidecar, memory, &key, revision, why).await;
+            }
+            continue;
+        }
+        match bundle::parse_lock(
+            &key,
+            &verified.body,
+            &verified.signer,
+            &sidecar.settings.trust_domain,
+        ) {
+            Ok(LockValue::Lock(lock)) => {
+                locks.insert(key, lock);
+            }
+            Ok(LockValue::Removed) => {
+                locks.remove(&key);
+            }
+            Err(why) => refuse(sidecar, memory, &key, revision, why).await,
+        }
+    }
+    // A lock whose key was deleted without a signed removal stays in force: whoever can
+    // delete from the bucket must not be able to lift a lock.
+    for key in memory.locks.keys() {
+        if !present.contains(key) && memory.refused.get(key) != Some(&0) {
+            memory.refused.insert(key.clone(), 0);
+            let mut entry = fleet_entry("fleet_refused");
+            entry.alert = true;
+            entry.reason = "fleet_unsigned_removal".into();
+            entry.extra.insert("key".into(), json!(key));
+            entry.extra.insert(
+                "detail".into(),
+                json!("the lock's key was deleted from the bucket without a signed removal; the lock stays in force (eastwall lock remove --fleet lifts it)"),
+            );
+            sidecar.write(entry).await;
+        }
+    }
+    memory.locks = locks;
+    let events = sidecar
+        .locks
+        .set_fleet(memory.locks.values().cloned().collect(), now);
+    sidecar
+        .metrics
+        .set_locks_active(sidecar.locks.current().active(now).count());
+    for event in &events {
+        tracing::info!(lock.id = %event.lock.id, target = %event.lock.target, action = event.action.as_str(), "fleet lock");
+        let mut entry = event.entry();
+        entry.extra.insert("source".into(), json!("fleet"));
+        sidecar.write(entry).await;
+    }
+}
+
+/// Applies a verified policy bundle if it is newer than the one in force.
+async fn apply_policy(sidecar: &Sidecar, body: &str, signer: &str) -> Result<(), String> {
+    let Some(fleet) = sidecar.fleet.as_ref() else {
+        return Ok(());
+    };
+    let bundle: PolicyBundle =
+        serde_json::from_str(body).map_err(|e| format!("not a policy bundle: {e}"))?;
+    if bundle.pushed_by != signer {
+        return Err(format!(
+            "pushed_by {:?} is not the signer {signer}",
+            bundle.pushed_by
+        ));
+    }
+    let in_force = fleet.policy_version();
+    if bundle.version == in_force {
+        return Ok(());
+    }
+    if bundle.version < in_force {
+        return Err(format!(
+            "version {} is older than version {in_force}, in force: a replayed bundle",
+            bundle.version
+        ));
+    }
+    let policy = bundle.compile(&sidecar.settings.trust_domain, &sidecar.settings.guards)?;
+    let counts = policy.counts();
+    let ended = crate::reload::put_in_force(sidecar, policy);
+    fleet.set_policy_version(bundle.version);
+    tracing::info!(version = bundle.version, pushed_by = %bundle.pushed_by, sessions_ended = ended, "fleet policy applied");
+    let mut entry = fleet_entry("config_reload");
+    entry.reason = "fleet_policy".into();
+    entry.extra.insert("result".into(), json!("ok"));
+    entry.extra.insert("version".into(), json!(bundle.version));
+    entry
+        .extra
+        .insert("pushed_by".into(), json!(bundle.pushed_by));
+    entry
+        .extra
+        .insert("pushed_at".into(), json!(bundle.pushed_at));
+    entry.extra.insert(
+        "rules".into(),
+        json!({"allow": counts.allow, "deny": counts.deny, "deny_and_alert": counts.deny_and_alert}),
+    );
+    entry.extra.insert("sessions_ended".into(), json!(ended));
+    sidecar.write(entry).await;
+    Ok(())
+}
