@@ -315,7 +315,14 @@ async fn spawn_fleet(
         sidecar.metrics.clone(),
         stop.clone(),
     ));
-    tokio::spawn(crate::fleet::sync::run(sidecar.clone(), client, stop));
+    // The cached last good state is in force before the first connection is accepted.
+    let memory = crate::fleet::sync::restore(sidecar).await;
+    tokio::spawn(crate::fleet::sync::run(
+        sidecar.clone(),
+        client,
+        memory,
+        stop,
+    ));
     Ok(())
 }
 

@@ -72,6 +72,12 @@ impl Fleet {
         s.synced = true;
     }
 
+    /// Sets the time of the last good read, from the cache at start (never later than now).
+    pub fn set_contact(&self, at: SystemTime) {
+        let mut s = self.lock();
+        s.contact = at.min(SystemTime::now());
+    }
+
     /// How long since the last successful read.
     pub fn staleness(&self, now: SystemTime) -> Duration {
         now.duration_since(self.lock().contact).unwrap_or_default()

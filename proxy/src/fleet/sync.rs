@@ -30,19 +30,112 @@ fn tick(max_staleness: Duration) -> Duration {
 
 /// What the task remembers between reads.
 #[derive(Default)]
-struct Memory {
+pub struct Memory {
     /// (key, revision) of values already refused: each is reported once.
     refused: HashMap<String, u64>,
     /// The fleet's locks by key, as last applied.
     locks: BTreeMap<String, Lock>,
     /// Whether the last read failed (its error is reported once per outage).
     failing: bool,
+    /// The values of the last good read, as written to the cache file.
+    last: Vec<(String, u64, Vec<u8>)>,
+    /// When the cache was last written.
+    saved: Option<SystemTime>,
+}
+
+/// The last good read, kept beside the decision log (`<audit.path>.fleet.json`, 0600) so
+/// a sidecar restarted while NATS is out of reach starts from the fleet's state, not from
+/// an older local policy, and keeps its staleness clock: a restart does not make it fresh.
+/// Every value in it is verified again on load, as if it came from the bucket.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Cache {
+    /// RFC 3339: when the bucket was last read in full.
+    contact: String,
+    values: Vec<CachedValue>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CachedValue {
+    key: String,
+    revision: u64,
+    /// The stored envelope, as text.
+    value: String,
+}
+
+/// Where the cache lives.
+pub fn cache_path(sidecar: &Sidecar) -> std::path::PathBuf {
+    let mut p = sidecar.settings.audit.path.as_os_str().to_owned();
+    p.push(".fleet.json");
+    std::path::PathBuf::from(p)
+}
+
+fn save_cache(
+    path: &std::path::Path,
+    contact: SystemTime,
+    values: &[(String, u64, Vec<u8>)],
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let cache = Cache {
+        contact: bundle::rfc3339(contact),
+        values: values
+            .iter()
+            .map(|(key, revision, raw)| CachedValue {
+                key: key.clone(),
+                revision: *revision,
+                value: String::from_utf8_lossy(raw).into_owned(),
+            })
+            .collect(),
+    };
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(&serde_json::to_vec(&cache).unwrap_or_default())?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// Applies the cached last good state at start, before the first connection is accepted.
+pub async fn restore(sidecar: &Sidecar) -> Memory {
+    let mut memory = Memory::default();
+    let Some(fleet) = sidecar.fleet.as_ref() else {
+        return memory;
+    };
+    let path = cache_path(sidecar);
+    let text = match std::fs::read(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return memory,
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "cannot read the fleet cache; starting from the local state");
+            return memory;
+        }
+    };
+    let Ok(cache) = serde_json::from_slice::<Cache>(&text) else {
+        tracing::error!(path = %path.display(), "the fleet cache is not valid; starting from the local state");
+        return memory;
+    };
+    if let Ok(t) = humantime::parse_rfc3339(&cache.contact) {
+        fleet.set_contact(t);
+    }
+    let values: Vec<(String, u64, Vec<u8>)> = cache
+        .values
+        .into_iter()
+        .map(|v| (v.key, v.revision, v.value.into_bytes()))
+        .collect();
+    tracing::info!(values = values.len(), contact = %cache.contact, "fleet state restored from the cache");
+    apply(sidecar, values, &mut memory).await;
+    memory
 }
 
 /// Runs until `stop` changes. Never returns an error: an unreachable NATS is staleness.
 pub async fn run(
     sidecar: Arc<Sidecar>,
     client: async_nats::Client,
+    mut memory: Memory,
     mut stop: watch::Receiver<bool>,
 ) {
     let Some(fleet) = sidecar.fleet.as_ref() else {
@@ -50,7 +143,7 @@ pub async fn run(
     };
     let settings = fleet.settings.clone();
     let js = async_nats::jetstream::new(client);
-    let mut memory = Memory::default();
+    let cache = cache_path(&sidecar);
     let mut store: Option<Store> = None;
     let mut changes: Option<async_nats::jetstream::kv::Watch> = None;
     let period = tick(settings.max_staleness);
@@ -74,8 +167,25 @@ pub async fn run(
                     tracing::info!("fleet control plane reachable again");
                 }
                 memory.failing = false;
-                apply(&sidecar, values, &mut memory).await;
-                fleet.contact(SystemTime::now());
+                let changed = values != memory.last;
+                apply(&sidecar, values.clone(), &mut memory).await;
+                let now = SystemTime::now();
+                fleet.contact(now);
+                // Written when the state changed and at least once a minute (the contact
+                // time is what a restarted sidecar's staleness counts from).
+                if changed
+                    || memory.saved.is_none_or(|t| {
+                        now.duration_since(t).unwrap_or_default() > Duration::from_secs(60)
+                    })
+                {
+                    match save_cache(&cache, now, &values) {
+                        Ok(()) => memory.saved = Some(now),
+                        Err(e) => {
+                            tracing::error!(path = %cache.display(), error = %e, "cannot write the fleet cache")
+                        }
+                    }
+                }
+                memory.last = values;
             }
             Err(err) => {
                 if !memory.failing {
