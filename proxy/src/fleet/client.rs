@@ -83,6 +83,8 @@ pub async fn bucket(
         description: Some("Eastwall: signed policy bundle and locks".into()),
         max_messages_per_subject: 16,
         allow_rollup: true,
+        // No message deletes (a purge of the whole stream needs rollups, which KV uses:
+        // NATS permissions keep sidecars from the purge API, docs/fleet-nats.md).
         deny_delete: true,
         allow_direct: true,
         discard: jetstream::stream::DiscardPolicy::New,
@@ -90,12 +92,14 @@ pub async fn bucket(
         storage: jetstream::stream::StorageType::File,
         ..Default::default()
     };
-    if let Err(e) = js.create_stream(config).await {
-        tracing::debug!(error = %e, "creating the fleet bucket (another client may have made it)");
-    }
+    let created = js.create_stream(config).await.err();
     js.get_key_value(&settings.bucket)
         .await
-        .map_err(|e| err(e.to_string()))
+        .map_err(|e| match &created {
+            // Another client may have made it meanwhile; otherwise the creation error says why.
+            Some(c) => err(format!("{e}; creating it: {c}")),
+            None => err(e.to_string()),
+        })
 }
 
 /// The log stream, created if missing: every sidecar's lines and heads, kept on disk.
@@ -108,6 +112,10 @@ pub async fn stream(
         subjects: vec!["eastwall.log.>".into()],
         description: Some("Eastwall: every sidecar's decision lines and chain heads".into()),
         storage: jetstream::stream::StorageType::File,
+        // The copy a rewritten local log is checked against: a host that is taken over
+        // must not be able to delete or purge what it already published.
+        deny_delete: true,
+        deny_purge: true,
         ..Default::default()
     })
     .await

@@ -12,11 +12,15 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use serde_json::Value;
+use sha2::Digest;
 use tokio::sync::watch;
 
 use super::bundle::{head_subject, log_subject, rfc3339, Head};
 use crate::audit::Tap;
 use crate::metrics::Metrics;
+
+/// How long a failed publish waits before it is tried again.
+const RETRY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Batches larger than this are split at line boundaries (NATS' default max payload is 1 MiB).
 const MAX_MESSAGE: usize = 512 * 1024;
@@ -83,15 +87,22 @@ pub async fn run(
             batch = tap.rx.recv() => {
                 let Some(batch) = batch else { break };
                 let lines = count_lines(&batch);
-                if !ready {
-                    ready = super::client::stream(&js, &settings).await.is_ok();
-                }
-                if ready && send(&js, &subject, &batch).await {
-                    published += lines;
-                    metrics.fleet.published.inc_by(lines);
-                    if let Some(l) = last_line(&batch) { last = Some(l); }
-                } else {
-                    metrics.fleet.dropped.inc_by(lines);
+                // Retried until NATS takes it: meanwhile the tap's bounded queue holds what
+                // the log commits, and drops (counted) only once it is full.
+                loop {
+                    if !ready {
+                        ready = super::client::stream(&js, &settings).await.is_ok();
+                    }
+                    if ready && send(&js, &subject, &batch).await {
+                        published += lines;
+                        metrics.fleet.published.inc_by(lines);
+                        if let Some(l) = last_line(&batch) { last = Some(l); }
+                        break;
+                    }
+                    tokio::select! {
+                        _ = stop.changed() => return,
+                        () = tokio::time::sleep(RETRY) => {}
+                    }
                 }
             }
             _ = ticker.tick() => {
@@ -136,8 +147,18 @@ async fn send(js: &async_nats::jetstream::Context, subject: &str, batch: &[u8]) 
 }
 
 async fn publish_acked(js: &async_nats::jetstream::Context, subject: &str, body: Bytes) -> bool {
+    // A retry after a lost acknowledgement must not store the lines twice: JetStream drops
+    // a second message with the same id inside its duplicate window.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        "Nats-Msg-Id",
+        hex::encode(&sha2::Sha256::digest(&body)[..16]),
+    );
     let attempt = async {
-        let ack = js.publish(subject.to_owned(), body).await.ok()?;
+        let ack = js
+            .publish_with_headers(subject.to_owned(), headers, body)
+            .await
+            .ok()?;
         ack.await.ok()
     };
     match tokio::time::timeout(super::client::REQUEST_TIMEOUT, attempt).await {
