@@ -18,6 +18,7 @@ use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, Config, NoTls};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+pub mod nats;
 pub mod sidecar;
 
 pub use eastwall::pgcluster::{Cluster, ClusterError, ClusterOptions, ServerTls};
