@@ -2,7 +2,7 @@
 //! requiring client certificates chained to it: the fleet control plane's test double.
 //!
 //! Eastwall's names (see docs/fleet-nats.md): the key-value bucket `eastwall` (stream
-//! `KV_eastwall`, subjects `$KV.eastwall.>`, keys `policy`, `lock.<id>`, `head.<sidecar>`) and
+//! `KV_eastwall`, subjects `$KV.eastwall.>`, keys `policy`, `lock.<id>`) and
 //! the stream `EASTWALL_LOG` (subjects `eastwall.log.>`, one subject per sidecar). A fresh
 //! server has neither; [`Nats::create_eastwall_streams`] makes both (async-nats 0.51's
 //! `create_key_value` fails against 2.9, see there), or the code under test does.
@@ -37,7 +37,7 @@ pub const NATS_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`Nats::stop`] waits after SIGTERM before it kills the server.
 pub const NATS_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The key-value bucket Eastwall keeps its policy, locks and log heads in.
+/// The key-value bucket Eastwall keeps its policy and locks in.
 pub const KV_BUCKET: &str = "eastwall";
 /// The stream behind [`KV_BUCKET`].
 pub const KV_STREAM: &str = "KV_eastwall";
@@ -49,8 +49,8 @@ pub const LOG_SUBJECTS: &str = "eastwall.log.>";
 /// What a certificate-mapped user may do (the `authorization` block [`nats_conf`] writes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NatsRole {
-    /// A sidecar called `name`: reads the whole bucket (get, watch), writes its own
-    /// `head.<name>` key, publishes its decision lines on `eastwall.log.<name>`.
+    /// A sidecar called `name`: reads the whole bucket (get, watch), publishes its decision
+    /// lines on `eastwall.log.<name>` and its chain heads on `eastwall.log.<name>.head`.
     Sidecar { name: String },
     /// An operator: writes `policy` and `lock.*`, reads the bucket and the log, and may create
     /// and update the two streams.
@@ -187,10 +187,10 @@ fn permissions(role: &NatsRole) -> Option<String> {
                 format!("$JS.API.CONSUMER.DELETE.{KV_STREAM}.>"),
                 format!("$JS.API.CONSUMER.INFO.{KV_STREAM}.>"),
                 format!("$JS.FC.{KV_STREAM}.>"),
-                // Its own head key, and its own log subject.
-                format!("$KV.{KV_BUCKET}.head.{name}"),
+                // Its own log subject and chain-head subject.
                 format!("$JS.API.STREAM.INFO.{LOG_STREAM}"),
                 format!("eastwall.log.{name}"),
+                format!("eastwall.log.{name}.head"),
             ],
             vec!["_INBOX.>".into()],
         ),

@@ -174,21 +174,23 @@ fn verify_and_map_names_clients_by_spiffe_id_and_applies_their_permissions() {
     assert!(created.get("error").is_none(), "{created}");
     op.publish("$KV.eastwall.policy", b"p").expect("policy");
     op.publish("$KV.eastwall.lock.42", b"l").expect("lock");
-    let err = refused(op.publish("$KV.eastwall.head.a", b"h"), "operator head");
+    let err = refused(op.publish("eastwall.log.a.head", b"h"), "operator head");
     assert!(err.contains("Permissions Violation"), "{err}");
     drop(op);
     let mut op = nats.raw_client(Some(pem(&operator))).expect("operator");
     let err = refused(op.publish("eastwall.log.a", b"x"), "operator log");
     assert!(err.contains("Permissions Violation"), "{err}");
 
-    // The sidecar publishes on its own log subject and head key only.
+    // The sidecar publishes on its own log and head subjects only.
     let mut sc = nats.raw_client(Some(pem(&sidecar))).expect("sidecar");
     let ack = sc.request("eastwall.log.a", b"line").expect("own log");
     assert!(String::from_utf8_lossy(&ack).contains("\"seq\":1"));
-    sc.publish("$KV.eastwall.head.a", b"h").expect("own head");
+    let ack = sc.request("eastwall.log.a.head", b"h").expect("own head");
+    assert!(String::from_utf8_lossy(&ack).contains("\"seq\":2"));
     for subject in [
         "eastwall.log.b",
-        "$KV.eastwall.head.b",
+        "eastwall.log.b.head",
+        "$KV.eastwall.head.a",
         "$KV.eastwall.policy",
         "$KV.eastwall.lock.1",
     ] {

@@ -30,6 +30,18 @@ pub struct Signer {
 
 #[derive(Debug, clap::Subcommand)]
 enum Command {
+    /// Create the fleet's bucket and log stream (once, as an operator: sidecars are not
+    /// allowed to create them when NATS permissions are set as docs/fleet-nats.md shows).
+    Init {
+        /// An eastwall.toml with a [fleet] table (its bucket and stream names).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        #[command(flatten)]
+        signer: Signer,
+        /// Copies of each on the NATS cluster (3 for a three-node cluster).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+        replicas: u8,
+    },
     /// Validate the config's policy (with its segments and groups) and publish it to every
     /// sidecar of the fleet, signed; each applies it within 2 s and re-judges live sessions.
     Push {
@@ -43,6 +55,11 @@ enum Command {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
+        Command::Init {
+            config,
+            signer,
+            replicas,
+        } => init(&config, &signer, usize::from(replicas)),
         Command::Push { config, signer } => push(&config, &signer),
     }
 }
@@ -146,6 +163,25 @@ impl Pusher {
             .await
             .with_context(|| format!("cannot publish {key:?} to the fleet bucket"))
     }
+}
+
+fn init(config: &Path, signer: &Signer, replicas: usize) -> anyhow::Result<()> {
+    let (_, mut fleet) = fleet_settings(config)?;
+    fleet.cert = signer.cert.clone();
+    fleet.key = signer.key.clone();
+    runtime()?.block_on(async {
+        let client = crate::fleet::client::connect(&fleet, "eastwall cli", false).await?;
+        let js = async_nats::jetstream::new(client);
+        crate::fleet::client::bucket_with(&js, &fleet, replicas).await?;
+        crate::fleet::client::stream_with(&js, &fleet, replicas).await?;
+        outln!(
+            "fleet ready: bucket {:?} and stream {:?} ({replicas} replica(s)) on {}",
+            fleet.bucket,
+            fleet.stream,
+            fleet.servers.join(",")
+        );
+        anyhow::Ok(())
+    })
 }
 
 fn push(config: &Path, signer: &Signer) -> anyhow::Result<()> {

@@ -67,6 +67,15 @@ pub async fn bucket(
     js: &jetstream::Context,
     settings: &FleetSettings,
 ) -> Result<jetstream::kv::Store, ClientError> {
+    bucket_with(js, settings, 1).await
+}
+
+/// [`bucket`], creating it with `replicas` copies (a NATS cluster of at least that many).
+pub async fn bucket_with(
+    js: &jetstream::Context,
+    settings: &FleetSettings,
+    replicas: usize,
+) -> Result<jetstream::kv::Store, ClientError> {
     let err = |detail: String| ClientError::Bucket {
         bucket: settings.bucket.clone(),
         detail,
@@ -90,6 +99,7 @@ pub async fn bucket(
         discard: jetstream::stream::DiscardPolicy::New,
         duplicate_window: Duration::from_secs(120),
         storage: jetstream::stream::StorageType::File,
+        num_replicas: replicas,
         ..Default::default()
     };
     let created = js.create_stream(config).await.err();
@@ -107,7 +117,17 @@ pub async fn stream(
     js: &jetstream::Context,
     settings: &FleetSettings,
 ) -> Result<jetstream::stream::Stream, ClientError> {
+    stream_with(js, settings, 1).await
+}
+
+/// [`stream`], creating it with `replicas` copies.
+pub async fn stream_with(
+    js: &jetstream::Context,
+    settings: &FleetSettings,
+    replicas: usize,
+) -> Result<jetstream::stream::Stream, ClientError> {
     js.get_or_create_stream(jetstream::stream::Config {
+        num_replicas: replicas,
         name: settings.stream.clone(),
         subjects: vec!["eastwall.log.>".into()],
         description: Some("Eastwall: every sidecar's decision lines and chain heads".into()),

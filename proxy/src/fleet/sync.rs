@@ -37,8 +37,10 @@ pub struct Memory {
     locks: BTreeMap<String, Lock>,
     /// Whether the last read failed (its error is reported once per outage).
     failing: bool,
-    /// The values of the last good read, as written to the cache file.
-    last: Vec<(String, u64, Vec<u8>)>,
+    /// Per key, the last value that verified and was applied (a policy bundle, a lock, a
+    /// signed removal): what the cache file keeps. A refused newer value never replaces it,
+    /// so a restart cannot be made to forget a lock by overwriting its key with garbage.
+    good: BTreeMap<String, (u64, Vec<u8>)>,
     /// When the cache was last written.
     saved: Option<SystemTime>,
 }
@@ -74,14 +76,14 @@ pub fn cache_path(sidecar: &Sidecar) -> std::path::PathBuf {
 fn save_cache(
     path: &std::path::Path,
     contact: SystemTime,
-    values: &[(String, u64, Vec<u8>)],
+    values: &BTreeMap<String, (u64, Vec<u8>)>,
 ) -> std::io::Result<()> {
     use std::io::Write;
     let cache = Cache {
         contact: bundle::rfc3339(contact),
         values: values
             .iter()
-            .map(|(key, revision, raw)| CachedValue {
+            .map(|(key, (revision, raw))| CachedValue {
                 key: key.clone(),
                 revision: *revision,
                 value: String::from_utf8_lossy(raw).into_owned(),
@@ -167,8 +169,9 @@ pub async fn run(
                     tracing::info!("fleet control plane reachable again");
                 }
                 memory.failing = false;
-                let changed = values != memory.last;
-                apply(&sidecar, values.clone(), &mut memory).await;
+                let before = memory.good.clone();
+                apply(&sidecar, values, &mut memory).await;
+                let changed = memory.good != before;
                 let now = SystemTime::now();
                 fleet.contact(now);
                 // Written when the state changed and at least once a minute (the contact
@@ -178,14 +181,13 @@ pub async fn run(
                         now.duration_since(t).unwrap_or_default() > Duration::from_secs(60)
                     })
                 {
-                    match save_cache(&cache, now, &values) {
+                    match save_cache(&cache, now, &memory.good) {
                         Ok(()) => memory.saved = Some(now),
                         Err(e) => {
                             tracing::error!(path = %cache.display(), error = %e, "cannot write the fleet cache")
                         }
                     }
                 }
-                memory.last = values;
             }
             Err(err) => {
                 if !memory.failing {
@@ -310,8 +312,11 @@ async fn apply(sidecar: &Sidecar, values: Vec<(String, u64, Vec<u8>)>, memory: &
             }
         };
         if key == POLICY_KEY {
-            if let Err(why) = apply_policy(sidecar, &verified.body, &verified.signer).await {
-                refuse(sidecar, memory, &key, revision, why).await;
+            match apply_policy(sidecar, &verified.body, &verified.signer).await {
+                Ok(()) => {
+                    memory.good.insert(key, (revision, raw));
+                }
+                Err(why) => refuse(sidecar, memory, &key, revision, why).await,
             }
             continue;
         }
@@ -322,10 +327,12 @@ async fn apply(sidecar: &Sidecar, values: Vec<(String, u64, Vec<u8>)>, memory: &
             &sidecar.settings.trust_domain,
         ) {
             Ok(LockValue::Lock(lock)) => {
-                locks.insert(key, lock);
+                locks.insert(key.clone(), lock);
+                memory.good.insert(key, (revision, raw));
             }
             Ok(LockValue::Removed) => {
                 locks.remove(&key);
+                memory.good.insert(key, (revision, raw));
             }
             Err(why) => refuse(sidecar, memory, &key, revision, why).await,
         }
