@@ -29,7 +29,7 @@ pub struct FleetSettings {
     /// is refused: the control plane carries the policy and the locks.
     pub servers: Vec<String>,
     /// `name`: this sidecar's name in the fleet (its log subject `eastwall.log.<name>` and
-    /// its chain head key `head.<name>`): letters, digits, `_` and `-`.
+    /// its chain heads on `eastwall.log.<name>.head`): letters, digits, `_` and `-`.
     pub name: String,
     /// `bucket` (default `eastwall`): the key-value bucket holding the policy and the locks.
     pub bucket: String,

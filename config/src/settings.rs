@@ -76,7 +76,7 @@
 //! nats = "tls://nats-1.internal:4222"  # required: tls:// only; comma-separated for a cluster
 //! name = "db-01"                  # required: this sidecar's name (eastwall.log.<name>)
 //! admins = ["dbas"]               # required: who may push policies and locks ([groups] or patterns)
-//! bucket = "eastwall"             # default: the key-value bucket (policy, lock.<id>, head.<name>)
+//! bucket = "eastwall"             # default: the key-value bucket (keys policy and lock.<id>)
 //! stream = "EASTWALL_LOG"         # default: the stream of decision lines (eastwall.log.>)
 //! cert = "certs/proxy.pem"        # default [listen] cert/key: the SVID presented to NATS
 //! ca = "ca/bundle.pem"            # default [listen] client_ca: verifies the NATS servers

@@ -105,9 +105,18 @@ async fn side(name: &str, port: u16, pki: &TestPki, nats: &Nats) -> anyhow::Resu
 impl Fleet {
     async fn start() -> anyhow::Result<Fleet> {
         let pki = TestPki::new(TD)?;
+        // Every identity mapped to its NATS user, with the permissions docs/fleet-nats.md
+        // gives: sidecars read the bucket and publish their own log, the operator writes.
+        let users = vec![
+            NatsUser::sidecar(format!("spiffe://{TD}/db/eastwall-s1"), "s1"),
+            NatsUser::sidecar(format!("spiffe://{TD}/db/eastwall-s2"), "s2"),
+            NatsUser::sidecar(format!("spiffe://{TD}/db/eastwall-s3"), "s3"),
+            NatsUser::operator(format!("spiffe://{TD}/ops/dbas/dana")),
+        ];
         let nats = Nats::start_with(
             pki.ca(),
-            eastwall_e2e::nats::NatsOptions {
+            NatsOptions {
+                users,
                 trace: std::env::var_os("FLEET_TRACE").is_some(),
                 ..Default::default()
             },
@@ -280,7 +289,7 @@ async fn wait_metric(side: &Side, sample: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let (_, body) = http_get(admin, "/metrics").await?;
-        if body.contains(sample) {
+        if body.lines().any(|l| l == sample) {
             return Ok(());
         }
         ensure!(
@@ -377,7 +386,10 @@ async fn one_push_reaches_three_sidecars_and_the_fleet_sees_what_one_host_hides(
 async fn policy_push(f: &Fleet) -> anyhow::Result<()> {
     let mut live = Vec::new();
     for s in &f.sides {
-        let (client, task) = f.connect(s, &f.billing, "billing", "postgres").await?;
+        let (client, task) = f
+            .connect(s, &f.billing, "billing", "postgres")
+            .await
+            .map_err(|e| anyhow!("{}: billing at the start: {}", s.name, describe(&e)))?;
         client.simple_query("select 1").await?;
         live.push((s.name.clone(), task, client));
     }
@@ -445,6 +457,55 @@ async fn policy_push(f: &Fleet) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow!("{}: {}", s.name, describe(&e)))?;
     }
+
+    // Straight into the bucket, past the CLI, as someone NATS lets write there: an older
+    // bundle validly signed by dana (a replay that would bring back "no app" policy v1), and a
+    // newer one signed by a sidecar's own key. Both refused everywhere; version 2 stays.
+    let bundle = |version: u64, by: &str| {
+        serde_json::json!({
+            "version": version, "pushed_at": "2026-12-04T00:00:00Z", "pushed_by": by,
+            "label": "push.ew", "text": NO_APP_POLICY,
+            "segments": {"app": [format!("spiffe://{TD}/app/**")], "db": [format!("spiffe://{TD}/db/**")],
+                         "workstations": [format!("spiffe://{TD}/workstations/**")]},
+            "groups": {},
+        })
+        .to_string()
+    };
+    let mut writer = f.nats.admin()?;
+    let replay = forge(
+        "policy",
+        &bundle(1, "spiffe://corp.example/ops/dbas/dana"),
+        &f.dana,
+    )?;
+    writer.publish("$KV.eastwall.policy", &replay)?;
+    all_refuse(f, "policy", "a replayed bundle").await?;
+    let sidecar_svid = f.pki.client("forger", "db/eastwall-s1", None)?;
+    let forged = forge(
+        "policy",
+        &bundle(9, "spiffe://corp.example/db/eastwall-s1"),
+        &sidecar_svid,
+    )?;
+    writer.publish("$KV.eastwall.policy", &forged)?;
+    all_refuse(f, "policy", "not in [fleet] admins").await?;
+    // The sidecar's own NATS user may not even write there.
+    let mut as_sidecar = f
+        .nats
+        .raw_client(Some((&sidecar_svid.cert_pem, &sidecar_svid.key_pem)))?;
+    ensure!(
+        as_sidecar.publish("$KV.eastwall.policy", &forged).is_err(),
+        "NATS let a sidecar write the policy key"
+    );
+    for s in &f.sides {
+        f.connect(s, &f.billing, "billing", "postgres")
+            .await
+            .map_err(|e| {
+                anyhow!(
+                    "{}: a refused value changed the policy: {}",
+                    s.name,
+                    describe(&e)
+                )
+            })?;
+    }
     Ok(())
 }
 
@@ -454,7 +515,10 @@ async fn lock_push(f: &Fleet) -> anyhow::Result<()> {
     let mut live = Vec::new();
     let mut clients = Vec::new();
     for s in &f.sides {
-        let (client, task) = f.connect(s, &f.billing, "billing", "postgres").await?;
+        let (client, task) = f
+            .connect(s, &f.billing, "billing", "postgres")
+            .await
+            .map_err(|e| anyhow!("{}: billing before the lock: {}", s.name, describe(&e)))?;
         client.simple_query("select 1").await?;
         live.push((s.name.clone(), task));
         clients.push(client);
@@ -728,7 +792,7 @@ async fn staleness(mut f: Fleet) -> anyhow::Result<()> {
         );
         let (_, metrics) = http_get(admin, "/metrics").await?;
         ensure!(
-            metrics.contains("eastwall_fleet_fresh 0"),
+            metrics.lines().any(|l| l == "eastwall_fleet_fresh 0"),
             "{}: {metrics}",
             s.name
         );
@@ -790,7 +854,7 @@ async fn staleness(mut f: Fleet) -> anyhow::Result<()> {
             .ok_or_else(|| anyhow!("no admin listener"))?;
         let (_, metrics) = http_get(admin, "/metrics").await?;
         ensure!(
-            metrics.contains("eastwall_fleet_fresh 1"),
+            metrics.lines().any(|l| l == "eastwall_fleet_fresh 1"),
             "{}: {metrics}",
             s.name
         );

@@ -72,7 +72,6 @@ pub async fn run(
     let name = settings.name.clone();
     let head_interval = settings.head_interval;
     let js = async_nats::jetstream::new(client);
-    // The stream is made on first use (by whichever sidecar gets there first).
     let mut ready = false;
     let subject = log_subject(&name);
     let heads = head_subject(&name);
@@ -91,7 +90,8 @@ pub async fn run(
                 // the log commits, and drops (counted) only once it is full.
                 loop {
                     if !ready {
-                        ready = super::client::stream(&js, &settings).await.is_ok();
+                        // Opened, not created: `eastwall fleet init` makes it.
+                        ready = js.get_stream(&settings.stream).await.is_ok();
                     }
                     if ready && send(&js, &subject, &batch).await {
                         published += lines;

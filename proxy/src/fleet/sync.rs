@@ -151,7 +151,9 @@ pub async fn run(
     let period = tick(settings.max_staleness);
     loop {
         if store.is_none() {
-            store = super::client::bucket(&js, &settings).await.ok();
+            // Only opened, never created here: that is the operator's (`eastwall fleet
+            // init`), and NATS permissions keep sidecars from it.
+            store = js.get_key_value(&settings.bucket).await.ok();
         }
         if let (Some(kv), None) = (&store, &changes) {
             changes = tokio::time::timeout(super::client::REQUEST_TIMEOUT, kv.watch_all())
@@ -161,7 +163,10 @@ pub async fn run(
         }
         let read = match &store {
             Some(kv) => read_all(kv).await,
-            None => Err("the bucket cannot be opened".to_owned()),
+            None => Err(format!(
+                "the bucket {:?} cannot be opened (NATS out of reach, or not created yet: eastwall fleet init)",
+                settings.bucket
+            )),
         };
         match read {
             Ok(values) => {
