@@ -717,7 +717,7 @@ impl RawNatsClient {
         };
         let connect = serde_json::json!({
             "verbose": false, "pedantic": false, "tls_required": true, "name": "eastwall-e2e-raw",
-            "lang": "rust-raw", "version": "0", "protocol": 1, "headers": false,
+            "lang": "rust-raw", "version": "0", "protocol": 1, "headers": true,
             "no_responders": false, "echo": false,
         });
         raw.send(format!("CONNECT {connect}\r\nPING\r\n").as_bytes())
@@ -729,6 +729,31 @@ impl RawNatsClient {
     /// Publishes and round-trips a `PING`, so a permissions `-ERR` surfaces as the error.
     pub fn publish(&mut self, subject: &str, payload: &[u8]) -> anyhow::Result<()> {
         let mut frame = format!("PUB {subject} {}\r\n", payload.len()).into_bytes();
+        frame.extend_from_slice(payload);
+        frame.extend_from_slice(b"\r\nPING\r\n");
+        self.send(&frame)?;
+        self.until_pong()
+    }
+
+    /// As [`RawNatsClient::publish`], with NATS headers (`HPUB`): a KV delete is a message
+    /// with `KV-Operation: DEL`, a purge `KV-Operation: PURGE` with `Nats-Rollup: sub`.
+    pub fn publish_with_headers(
+        &mut self,
+        subject: &str,
+        headers: &[(&str, &str)],
+        payload: &[u8],
+    ) -> anyhow::Result<()> {
+        let mut head = String::from("NATS/1.0\r\n");
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str("\r\n");
+        let mut frame = format!(
+            "HPUB {subject} {} {}\r\n{head}",
+            head.len(),
+            head.len() + payload.len()
+        )
+        .into_bytes();
         frame.extend_from_slice(payload);
         frame.extend_from_slice(b"\r\nPING\r\n");
         self.send(&frame)?;

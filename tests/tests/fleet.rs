@@ -589,10 +589,46 @@ async fn lock_push(f: &Fleet) -> anyhow::Result<()> {
             s.name
         );
     }
+    // The key deleted, then purged (a rollup erasing its history), by someone with write
+    // access to the bucket: no signature, so no removal. Every sidecar keeps the lock and
+    // says so once.
+    let subject = format!("$KV.eastwall.{key}");
+    let mut writer = f.nats.admin()?;
+    writer.publish_with_headers(&subject, &[("KV-Operation", "DEL")], b"")?;
+    for s in &f.sides {
+        wait_line(s, "fleet_refused (unsigned removal)", |l| {
+            l["event"] == "fleet_refused"
+                && l["reason"] == "fleet_unsigned_removal"
+                && l["key"] == key.as_str()
+                && l["alert"] == true
+        })
+        .await?;
+    }
+    writer.publish_with_headers(
+        &subject,
+        &[("KV-Operation", "PURGE"), ("Nats-Rollup", "sub")],
+        b"",
+    )?;
+    // The watch wakes a read within ~50 ms of the purge, the tick (0.75 s here) another.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for s in &f.sides {
+        ensure!(
+            f.connect(s, &f.billing, "billing", "postgres")
+                .await
+                .is_err(),
+            "{}: deleting the lock's key lifted the lock",
+            s.name
+        );
+    }
+    // The key is gone from the bucket, yet the signed removal is still what lifts the lock.
     let mut args = vec!["lock", "remove", "--fleet", "--config", &config, &id];
     args.extend(dana.iter().map(String::as_str));
     let (ok, _, err) = f.eastwall(&args).await?;
     ensure!(ok, "lock remove --fleet: {err}");
+    ensure!(
+        err.contains("deleted from the bucket without a signed removal"),
+        "lock remove --fleet after a purge says nothing about it: {err}"
+    );
     for s in &f.sides {
         let deadline = Instant::now() + BOUND + Duration::from_secs(1);
         loop {

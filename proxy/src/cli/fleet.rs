@@ -265,12 +265,18 @@ pub fn remove_lock(config: &Path, signer: &Signer, id: &str) -> anyhow::Result<(
     let key = bundle::lock_key(id);
     runtime()?.block_on(async {
         let kv = pusher.store().await?;
-        let exists = kv
-            .get(key.clone())
+        // `entry`, not `get`: a key someone deleted or purged without a signed removal still
+        // holds the lock on every sidecar that saw it, so its removal must still be possible.
+        let latest = kv
+            .entry(key.clone())
             .await
             .context("cannot read the fleet bucket")?;
-        if exists.is_none() {
-            bail!("the fleet holds no lock {id:?}");
+        match latest.map(|e| e.operation) {
+            None => bail!("the fleet holds no lock {id:?}"),
+            Some(async_nats::jetstream::kv::Operation::Put) => {}
+            Some(_) => eprintln!(
+                "note: the key of lock {id} was deleted from the bucket without a signed removal; sidecars that saw the lock still hold it, and this signed removal lifts it"
+            ),
         }
         let body = serde_json::to_string(&LockBody::Removed {
             id: id.to_owned(),
