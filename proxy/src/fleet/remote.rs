@@ -92,56 +92,94 @@ pub struct Comparison {
     pub problems: Vec<String>,
 }
 
+/// The first 16 characters of a hash, for a message (a hostile hash may hold any text).
+fn short(hash: &str) -> String {
+    hash.chars().take(16).collect()
+}
+
+/// Where in the fleet's copy (stream order) the local files begin: lines before it were
+/// rotated away here, or written before the files given. Judged from the chain, never
+/// from timestamps, which whoever rewrites the log chooses.
+fn coverage_start(
+    first_prev: &str,
+    fleet: &[(String, String, Value)],
+    local: &HashMap<String, &[u8]>,
+) -> Result<usize, String> {
+    if first_prev == crate::audit::GENESIS {
+        return Ok(0);
+    }
+    if let Some(i) = fleet.iter().position(|(hash, _, _)| hash == first_prev) {
+        return Ok(i + 1);
+    }
+    // The fleet copy began later than the local files (the sidecar joined the fleet then).
+    match fleet.first() {
+        None => Ok(0),
+        Some((_, _, v)) => {
+            let prev = v.get("prev").and_then(Value::as_str).unwrap_or_default();
+            if prev == first_prev || local.contains_key(prev) {
+                Ok(0)
+            } else {
+                Err(format!(
+                    "the local files begin after a line (hash {}) the fleet does not hold, and the fleet's copy does not begin inside them: they are not the log this sidecar published",
+                    short(first_prev)
+                ))
+            }
+        }
+    }
+}
+
 /// Compares `local` (the lines of the given files, oldest first) with what the sidecar
-/// published. Only the span the local files cover is judged (from their first line's
-/// `ts` on), so a rotated-away older file is not reported as missing.
+/// published. Fleet lines before the point where the local chain begins (a rotated-away
+/// older file) are not judged; every one after it, and every head after it, must be in the
+/// local files byte for byte.
 pub fn compare(local: &[Vec<u8>], fleet: &[Vec<u8>], heads: &[Head]) -> Comparison {
     let mut out = Comparison::default();
-    let hash_of = |line: &[u8]| -> Option<(String, String)> {
+    let parse = |line: &[u8]| -> Option<(String, String, Value)> {
         let v: Value = serde_json::from_slice(line).ok()?;
         Some((
             v.get("hash")?.as_str()?.to_owned(),
             v.get("ts")?.as_str()?.to_owned(),
+            v,
         ))
     };
     let mut by_hash: HashMap<String, &[u8]> = HashMap::new();
     let mut by_prev: HashMap<String, String> = HashMap::new();
-    let mut first_ts: Option<String> = None;
+    let mut first_prev: Option<String> = None;
     for line in local {
-        if let Some((hash, ts)) = hash_of(line) {
-            first_ts.get_or_insert(ts);
+        if let Some((hash, _, v)) = parse(line) {
+            let prev = v.get("prev").and_then(Value::as_str).unwrap_or_default();
+            first_prev.get_or_insert_with(|| prev.to_owned());
+            by_prev.insert(prev.to_owned(), hash.clone());
             by_hash.insert(hash, line);
         }
-        if let Ok(v) = serde_json::from_slice::<Value>(line) {
-            if let (Some(p), Some(h)) = (
-                v.get("prev").and_then(Value::as_str),
-                v.get("hash").and_then(Value::as_str),
-            ) {
-                by_prev.insert(p.to_owned(), h.to_owned());
-            }
-        }
     }
-    let Some(first_ts) = first_ts else {
+    let Some(first_prev) = first_prev else {
         out.problems
             .push("the local files hold no decision line".into());
         return out;
     };
-    let mut reported: HashSet<String> = HashSet::new();
-    for line in fleet {
-        let Some((hash, ts)) = hash_of(line) else {
-            continue;
-        };
-        if ts < first_ts {
-            continue;
+    let published: Vec<(String, String, Value)> = fleet.iter().filter_map(|l| parse(l)).collect();
+    let raw: Vec<&Vec<u8>> = fleet.iter().filter(|l| parse(l).is_some()).collect();
+    let start = match coverage_start(&first_prev, &published, &by_hash) {
+        Ok(start) => start,
+        Err(problem) => {
+            out.problems.push(problem);
+            0
         }
-        match by_hash.get(&hash) {
+    };
+    let before: HashSet<&str> = published[..start]
+        .iter()
+        .map(|(h, _, _)| h.as_str())
+        .collect();
+    let mut reported: HashSet<String> = HashSet::new();
+    for ((hash, ts, v), line) in published[start..].iter().zip(&raw[start..]) {
+        match by_hash.get(hash) {
             Some(mine) if *mine == line.as_slice() => out.matched += 1,
             Some(_) => out.problems.push(format!(
                 "the line at {ts} (hash {}) differs from the copy the fleet holds",
-                &hash[..hash.len().min(16)]
+                short(hash)
             )),
             None => {
-                let v: Value = serde_json::from_slice(line).unwrap_or_default();
                 let prev = v.get("prev").and_then(Value::as_str).unwrap_or_default();
                 let local_next = by_prev.get(prev).map(String::as_str).unwrap_or("none");
                 if reported.insert(hash.clone()) {
@@ -149,15 +187,15 @@ pub fn compare(local: &[Vec<u8>], fleet: &[Vec<u8>], heads: &[Head]) -> Comparis
                         "the fleet holds a line at {ts} ({} {}, hash {}) that the local files do not: it was edited, removed or rewritten here (the local line after the same predecessor has hash {})",
                         v.get("event").and_then(Value::as_str).unwrap_or("?"),
                         v.get("spiffe_id").and_then(Value::as_str).unwrap_or(""),
-                        &hash[..hash.len().min(16)],
-                        &local_next[..local_next.len().min(16)],
+                        short(hash),
+                        short(local_next),
                     ));
                 }
             }
         }
     }
     for head in heads {
-        if head.ts < first_ts {
+        if before.contains(head.hash.as_str()) {
             continue;
         }
         if by_hash.contains_key(&head.hash) {
@@ -167,7 +205,7 @@ pub fn compare(local: &[Vec<u8>], fleet: &[Vec<u8>], heads: &[Head]) -> Comparis
                 "the chain head published at {} (last line {}, hash {}) is not in the local files",
                 head.at,
                 head.ts,
-                &head.hash[..head.hash.len().min(16)]
+                short(&head.hash)
             ));
         }
     }
@@ -253,5 +291,45 @@ mod tests {
             c.problems
         );
         assert!(c.problems[0].contains("c3"));
+    }
+
+    #[test]
+    fn a_log_replaced_or_started_elsewhere_does_not_pass() {
+        let g = crate::audit::GENESIS;
+        let a = line("2026-01-01T00:00:01Z", g, "a1", "x");
+        let b = line("2026-01-01T00:00:02Z", "a1", "b2", "x");
+        let fleet = vec![a.clone(), b.clone()];
+        let head = Head {
+            sidecar: "s".into(),
+            at: "t".into(),
+            ts: "2026-01-01T00:00:02Z".into(),
+            hash: "b2".into(),
+            lines: 2,
+        };
+        // One forged genesis line dated after everything the fleet holds.
+        let forged = line("2099-01-01T00:00:00Z", g, "f0", "x");
+        let c = compare(&[forged], &fleet, std::slice::from_ref(&head));
+        assert_eq!(c.matched, 0);
+        assert_eq!(
+            c.problems.len(),
+            2,
+            "two lines (the head is the second): {:?}",
+            c.problems
+        );
+        // A file that begins after a line nobody published.
+        let orphan = line("2099-01-01T00:00:00Z", "zz", "f1", "x");
+        let c = compare(&[orphan], &fleet, std::slice::from_ref(&head));
+        assert!(c.problems[0].contains("not the log"), "{:?}", c.problems);
+        // A rotated-away first file: the rest still has to match, and does.
+        let c = compare(&[b.clone()], &fleet, std::slice::from_ref(&head));
+        assert!(c.problems.is_empty(), "{:?}", c.problems);
+        assert_eq!((c.matched, c.heads_matched), (1, 1));
+        // A hostile hash with multi-byte characters is reported, not a panic.
+        let odd = Head {
+            hash: "aaaaaaaaaaaaaaa\u{20ac}\u{20ac}".into(),
+            ..head
+        };
+        let c = compare(&fleet, &fleet, &[odd]);
+        assert_eq!(c.problems.len(), 1, "{:?}", c.problems);
     }
 }
