@@ -123,3 +123,71 @@ fn demo_with_dir_keeps_a_layout_whose_log_verifies_with_the_cli() {
         "{stderr}"
     );
 }
+
+#[test]
+fn demo_fleet_cuts_the_stolen_identity_on_every_sidecar_with_one_lock() {
+    if let Err(e) = eastwall_e2e::nats::nats_server_bin() {
+        panic!("the fleet demo needs nats-server (tests/run installs it): {e:#}");
+    }
+    let (out, took) = demo(&["--fleet"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "demo --fleet failed\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
+    );
+    assert!(took < Duration::from_secs(30), "demo --fleet took {took:?}");
+
+    let billing = "spiffe://corp.example/app/billing";
+    assert!(stdout.contains("fleet ready"), "{stdout}");
+    // One lock, issued once, signed by the operator.
+    let issued: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains("eastwall lock add --fleet"))
+        .collect();
+    assert_eq!(issued.len(), 1, "{stdout}");
+    assert!(
+        stdout.contains("signed by spiffe://corp.example/ops/dbas/dana"),
+        "{stdout}"
+    );
+    for side in ["east", "west"] {
+        let on = format!("{billing} on {side}");
+        for verdict in ["allow", "cut", "refused"] {
+            assert!(
+                verdict_line(&stdout, &on, verdict).is_some(),
+                "no line naming {on} -> {verdict}\n{stdout}"
+            );
+        }
+        // Admitted twice: before the lock and after its removal.
+        let allowed = stdout
+            .lines()
+            .filter(|l| l.contains(&on) && l.contains(" -> allow"))
+            .count();
+        assert_eq!(allowed, 2, "{stdout}");
+    }
+    assert_eq!(
+        stdout
+            .matches("FATAL 57P01: terminating connection: stolen billing certificate")
+            .count(),
+        2,
+        "{stdout}"
+    );
+    assert_eq!(stdout.matches("reason locked").count(), 2, "{stdout}");
+    assert!(stdout.contains("eastwall lock remove --fleet"), "{stdout}");
+    assert!(stdout.contains("admitted again"), "{stdout}");
+    assert_eq!(stdout.matches("chain intact").count(), 2, "{stdout}");
+    assert!(!stdout.contains('\x1b'), "escape codes in piped output");
+}
+
+#[test]
+fn demo_fleet_without_nats_server_says_how_to_get_it() {
+    let bin = eastwall();
+    let out = Command::new(&bin)
+        .args(["demo", "--fleet"])
+        .env("EASTWALL_NATS_SERVER", "/nonexistent/nats-server")
+        .output()
+        .expect("eastwall demo runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("EASTWALL_NATS_SERVER"), "{stderr}");
+}

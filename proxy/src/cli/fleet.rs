@@ -170,10 +170,7 @@ fn init(config: &Path, signer: &Signer, replicas: usize) -> anyhow::Result<()> {
     fleet.cert = signer.cert.clone();
     fleet.key = signer.key.clone();
     runtime()?.block_on(async {
-        let client = crate::fleet::client::connect(&fleet, "eastwall cli", false).await?;
-        let js = async_nats::jetstream::new(client);
-        crate::fleet::client::bucket_with(&js, &fleet, replicas).await?;
-        crate::fleet::client::stream_with(&js, &fleet, replicas).await?;
+        create(&fleet, replicas).await?;
         outln!(
             "fleet ready: bucket {:?} and stream {:?} ({replicas} replica(s)) on {}",
             fleet.bucket,
@@ -182,6 +179,16 @@ fn init(config: &Path, signer: &Signer, replicas: usize) -> anyhow::Result<()> {
         );
         anyhow::Ok(())
     })
+}
+
+/// `eastwall fleet init`'s work, for a caller already in a runtime (`eastwall demo --fleet`):
+/// the bucket and the log stream, connecting with `fleet`'s cert and key (the operator's).
+pub(crate) async fn create(fleet: &FleetSettings, replicas: usize) -> anyhow::Result<()> {
+    let client = crate::fleet::client::connect(fleet, "eastwall cli", false).await?;
+    let js = async_nats::jetstream::new(client);
+    crate::fleet::client::bucket_with(&js, fleet, replicas).await?;
+    crate::fleet::client::stream_with(&js, fleet, replicas).await?;
+    Ok(())
 }
 
 fn push(config: &Path, signer: &Signer) -> anyhow::Result<()> {
@@ -249,42 +256,49 @@ pub fn add_lock(
 ) -> anyhow::Result<Lock> {
     let pusher = Pusher::open(config, signer)?;
     let lock = make(&pusher.settings, pusher.id.clone())?;
-    let body = serde_json::to_string(&LockBody::Lock {
-        lock: crate::locks::lock_to_json(&lock),
-    })?;
-    runtime()?.block_on(async {
-        let kv = pusher.store().await?;
-        pusher.put(&kv, &bundle::lock_key(&lock.id), &body).await
-    })?;
+    runtime()?.block_on(publish_lock(&pusher, &lock))?;
     Ok(lock)
+}
+
+/// Signs `lock` and stores it under `lock.<id>`, for a caller already in a runtime.
+pub(crate) async fn publish_lock(pusher: &Pusher, lock: &Lock) -> anyhow::Result<u64> {
+    let body = serde_json::to_string(&LockBody::Lock {
+        lock: crate::locks::lock_to_json(lock),
+    })?;
+    let kv = pusher.store().await?;
+    pusher.put(&kv, &bundle::lock_key(&lock.id), &body).await
 }
 
 /// `eastwall lock remove --fleet ID`: a signed removal under the lock's key.
 pub fn remove_lock(config: &Path, signer: &Signer, id: &str) -> anyhow::Result<()> {
     let pusher = Pusher::open(config, signer)?;
+    runtime()?.block_on(publish_removal(&pusher, id))
+}
+
+/// Signs the removal of lock `id` and stores it under its key, for a caller already in a
+/// runtime; refused when the fleet holds no such lock.
+pub(crate) async fn publish_removal(pusher: &Pusher, id: &str) -> anyhow::Result<()> {
     let key = bundle::lock_key(id);
-    runtime()?.block_on(async {
-        let kv = pusher.store().await?;
-        // `entry`, not `get`: a key someone deleted or purged without a signed removal still
-        // holds the lock on every sidecar that saw it, so its removal must still be possible.
-        let latest = kv
-            .entry(key.clone())
-            .await
-            .context("cannot read the fleet bucket")?;
-        match latest.map(|e| e.operation) {
-            None => bail!("the fleet holds no lock {id:?}"),
-            Some(async_nats::jetstream::kv::Operation::Put) => {}
-            Some(_) => eprintln!(
-                "note: the key of lock {id} was deleted from the bucket without a signed removal; sidecars that saw the lock still hold it, and this signed removal lifts it"
-            ),
-        }
-        let body = serde_json::to_string(&LockBody::Removed {
-            id: id.to_owned(),
-            removed_at: bundle::rfc3339(SystemTime::now()),
-            removed_by: pusher.id.clone(),
-        })?;
-        pusher.put(&kv, &key, &body).await.map(|_| ())
-    })
+    let kv = pusher.store().await?;
+    // `entry`, not `get`: a key someone deleted or purged without a signed removal still
+    // holds the lock on every sidecar that saw it, so its removal must still be possible.
+    let latest = kv
+        .entry(key.clone())
+        .await
+        .context("cannot read the fleet bucket")?;
+    match latest.map(|e| e.operation) {
+        None => bail!("the fleet holds no lock {id:?}"),
+        Some(async_nats::jetstream::kv::Operation::Put) => {}
+        Some(_) => eprintln!(
+            "note: the key of lock {id} was deleted from the bucket without a signed removal; sidecars that saw the lock still hold it, and this signed removal lifts it"
+        ),
+    }
+    let body = serde_json::to_string(&LockBody::Removed {
+        id: id.to_owned(),
+        removed_at: bundle::rfc3339(SystemTime::now()),
+        removed_by: pusher.id.clone(),
+    })?;
+    pusher.put(&kv, &key, &body).await.map(|_| ())
 }
 
 /// `eastwall audit verify --fleet`: the local files against the sidecar's published copy.

@@ -321,7 +321,11 @@ mod tests {
         let c = compare(&[orphan], &fleet, std::slice::from_ref(&head));
         assert!(c.problems[0].contains("not the log"), "{:?}", c.problems);
         // A rotated-away first file: the rest still has to match, and does.
-        let c = compare(&[b.clone()], &fleet, std::slice::from_ref(&head));
+        let c = compare(
+            std::slice::from_ref(&b),
+            &fleet,
+            std::slice::from_ref(&head),
+        );
         assert!(c.problems.is_empty(), "{:?}", c.problems);
         assert_eq!((c.matched, c.heads_matched), (1, 1));
         // A hostile hash with multi-byte characters is reported, not a panic.

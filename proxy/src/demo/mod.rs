@@ -5,6 +5,12 @@
 //! playing each part of the story. Every step checks that the proxy did what the narration says
 //! and what the decision log records, so the demo doubles as a self-check: any surprise ends it
 //! with a non-zero exit and a line saying which step went wrong.
+//!
+//! `eastwall demo --fleet` tells a second story ([`fleet`]): one signed lock, issued once,
+//! cuts a stolen identity on every sidecar of a fleet run over a private NATS ([`nats`]).
+
+mod fleet;
+mod nats;
 
 use std::fmt::Display;
 use std::io::{self, Write as _};
@@ -54,6 +60,8 @@ pub struct Options {
     pub keep: bool,
     /// Colour the verdicts (only when stdout is a terminal).
     pub color: bool,
+    /// Tell the fleet story instead: several sidecars, one NATS, one lock for all.
+    pub fleet: bool,
 }
 
 /// Why the demo stopped. Each message says what broke and, where it can, what to do.
@@ -83,10 +91,14 @@ pub enum DemoError {
     Lock(#[from] crate::locks::LockError),
     #[error("the decision log does not verify: {0}")]
     Audit(#[from] VerifyError),
+    #[error("{0}")]
+    Nats(String),
+    #[error("{what}: {detail}")]
+    Fleet { what: String, detail: String },
 }
 
 impl DemoError {
-    fn io(what: impl Into<String>) -> impl FnOnce(io::Error) -> DemoError {
+    pub(super) fn io(what: impl Into<String>) -> impl FnOnce(io::Error) -> DemoError {
         let what = what.into();
         move |source| DemoError::Io { what, source }
     }
@@ -94,6 +106,9 @@ impl DemoError {
 
 /// Runs the whole demo; blocks until the story is told (and, with `keep`, until Ctrl-C).
 pub fn run(opts: &Options) -> Result<(), DemoError> {
+    if opts.fleet {
+        return fleet::run(opts);
+    }
     let say = Narrator { color: opts.color };
     say.line("Eastwall demo: the lateral-movement story, played against a private PostgreSQL.");
 
@@ -153,13 +168,13 @@ pub fn run(opts: &Options) -> Result<(), DemoError> {
 }
 
 /// The folder the layout lives in: the caller's, or a temp dir removed at the end.
-enum Workspace {
+pub(super) enum Workspace {
     Given(PathBuf),
     Temporary(tempfile::TempDir),
 }
 
 impl Workspace {
-    fn new(dir: Option<PathBuf>) -> Result<Workspace, DemoError> {
+    pub(super) fn new(dir: Option<PathBuf>) -> Result<Workspace, DemoError> {
         match dir {
             Some(dir) => Ok(Workspace::Given(dir)),
             None => tempfile::Builder::new()
@@ -170,14 +185,14 @@ impl Workspace {
         }
     }
 
-    fn path(&self) -> &Path {
+    pub(super) fn path(&self) -> &Path {
         match self {
             Workspace::Given(dir) => dir,
             Workspace::Temporary(dir) => dir.path(),
         }
     }
 
-    fn is_temporary(&self) -> bool {
+    pub(super) fn is_temporary(&self) -> bool {
         matches!(self, Workspace::Temporary(_))
     }
 }
@@ -185,24 +200,24 @@ impl Workspace {
 /// Writes the narration to stdout. Write errors (a closed pipe) are ignored: the demo's
 /// verdict is its exit status, not whether someone is still reading.
 #[derive(Debug, Clone, Copy)]
-struct Narrator {
-    color: bool,
+pub(super) struct Narrator {
+    pub(super) color: bool,
 }
 
 /// How a verdict is shown.
 #[derive(Debug, Clone, Copy)]
-enum Tone {
+pub(super) enum Tone {
     Good,
     Bad,
     Ask,
 }
 
 impl Narrator {
-    fn line(&self, text: impl Display) {
+    pub(super) fn line(&self, text: impl Display) {
         let _ = writeln!(io::stdout().lock(), "{text}");
     }
 
-    fn step(&self, n: &str, text: &str) {
+    pub(super) fn step(&self, n: &str, text: &str) {
         self.line("");
         if self.color {
             self.line(format_args!("\x1b[1m{n}. {text}\x1b[0m"));
@@ -212,7 +227,7 @@ impl Narrator {
     }
 
     /// `   spiffe://… as ROLE -> VERDICT  (detail)`: the line the story hangs on.
-    fn verdict(&self, id: &str, role: &str, verdict: &str, tone: Tone, detail: &str) {
+    pub(super) fn verdict(&self, id: &str, role: &str, verdict: &str, tone: Tone, detail: &str) {
         let shown = if self.color {
             let code = match tone {
                 Tone::Good => "32",
@@ -231,7 +246,7 @@ impl Narrator {
         self.line(format_args!("   {id} as {role} -> {shown}{detail}"));
     }
 
-    fn detail(&self, text: impl Display) {
+    pub(super) fn detail(&self, text: impl Display) {
         self.line(format_args!("      {text}"));
     }
 }
@@ -844,34 +859,10 @@ impl<'a> Story<'a> {
         role: &str,
         password: Option<&str>,
     ) -> Result<Result<Client, tokio_postgres::Error>, DemoError> {
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host("localhost")
-            .hostaddr(self.addr.ip())
-            .port(self.addr.port())
-            .user(role)
-            .dbname(DATABASE)
-            .ssl_mode(SslMode::Require)
-            .connect_timeout(CLIENT_TIMEOUT);
-        if let Some(password) = password {
-            config.password(password);
-        }
-        let attempt =
-            tokio::time::timeout(CLIENT_TIMEOUT, config.connect(MakeRustlsConnect::new(tls)));
-        match attempt.await {
-            Err(_) => Err(DemoError::Io {
-                what: format!("connecting to the sidecar at {}", self.addr),
-                source: io::Error::new(io::ErrorKind::TimedOut, "no answer within 10 s"),
-            }),
-            Ok(Err(err)) => Ok(Err(err)),
-            Ok(Ok((client, connection))) => {
-                tokio::spawn(async move {
-                    // Errors surface through the client's next call.
-                    let _ = connection.await;
-                });
-                Ok(Ok(client))
-            }
-        }
+        // Errors surface through the client's next call.
+        Ok(connect_to(self.addr, tls, role, password)
+            .await?
+            .map(|(client, _)| client))
     }
 
     /// Connects and keeps the connection task, where a FATAL sent to an idle client lands.
@@ -879,36 +870,16 @@ impl<'a> Story<'a> {
         &self,
         tls: rustls::ClientConfig,
         role: &str,
-    ) -> Result<
-        (
-            Client,
-            tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
-        ),
-        DemoError,
-    > {
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host("localhost")
-            .hostaddr(self.addr.ip())
-            .port(self.addr.port())
-            .user(role)
-            .dbname(DATABASE)
-            .ssl_mode(SslMode::Require)
-            .connect_timeout(CLIENT_TIMEOUT);
-        let attempt =
-            tokio::time::timeout(CLIENT_TIMEOUT, config.connect(MakeRustlsConnect::new(tls)));
-        match attempt.await {
-            Ok(Ok((client, connection))) => Ok((client, tokio::spawn(connection))),
-            Ok(Err(err)) => Err(step_err(
-                "5 (lock the stolen certificate)",
-                "the stolen certificate admitted",
-                describe(&err),
-            )),
-            Err(_) => Err(DemoError::Io {
-                what: format!("connecting to the sidecar at {}", self.addr),
-                source: io::Error::new(io::ErrorKind::TimedOut, "no answer within 10 s"),
-            }),
-        }
+    ) -> Result<(Client, Connection), DemoError> {
+        connect_to(self.addr, tls, role, None)
+            .await?
+            .map_err(|err| {
+                step_err(
+                    "5 (lock the stolen certificate)",
+                    "the stolen certificate admitted",
+                    describe(&err),
+                )
+            })
     }
 
     /// Connects and expects a FATAL 28000 refusal inside TLS.
@@ -946,16 +917,7 @@ impl<'a> Story<'a> {
     }
 
     fn decisions(&self) -> Result<Vec<Value>, DemoError> {
-        let text = std::fs::read_to_string(&self.log).map_err(DemoError::io(format!(
-            "cannot read the decision log {}",
-            self.log.display()
-        )))?;
-        // A line being appended right now may be incomplete; only whole lines count.
-        Ok(text
-            .split_inclusive('\n')
-            .filter(|l| l.ends_with('\n'))
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect())
+        read_decisions(&self.log)
     }
 
     fn log_len(&self) -> Result<usize, DemoError> {
@@ -964,24 +926,82 @@ impl<'a> Story<'a> {
 
     /// The first line after the first `since` lines matching `pred`, waiting (bounded) for it.
     async fn wait_for(&self, since: usize, pred: impl Fn(&Value) -> bool) -> Option<Value> {
-        let deadline = Instant::now() + LOG_WAIT;
-        loop {
-            if let Ok(lines) = self.decisions() {
-                if let Some(line) = lines.into_iter().skip(since).find(|l| pred(l)) {
-                    return Some(line);
-                }
+        wait_for_line(&self.log, since, pred).await
+    }
+}
+
+/// A client's connection task: where a FATAL sent to an idle client lands.
+pub(super) type Connection = tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>;
+
+/// Connects to the sidecar at `addr` as `role`. The outer error is the demo's own failure (no
+/// answer in time); the inner one is what the client was told, which the step judges.
+pub(super) async fn connect_to(
+    addr: SocketAddr,
+    tls: rustls::ClientConfig,
+    role: &str,
+    password: Option<&str>,
+) -> Result<Result<(Client, Connection), tokio_postgres::Error>, DemoError> {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("localhost")
+        .hostaddr(addr.ip())
+        .port(addr.port())
+        .user(role)
+        .dbname(DATABASE)
+        .ssl_mode(SslMode::Require)
+        .connect_timeout(CLIENT_TIMEOUT);
+    if let Some(password) = password {
+        config.password(password);
+    }
+    let attempt = tokio::time::timeout(CLIENT_TIMEOUT, config.connect(MakeRustlsConnect::new(tls)));
+    match attempt.await {
+        Err(_) => Err(DemoError::Io {
+            what: format!("connecting to the sidecar at {addr}"),
+            source: io::Error::new(io::ErrorKind::TimedOut, "no answer within 10 s"),
+        }),
+        Ok(Err(err)) => Ok(Err(err)),
+        Ok(Ok((client, connection))) => Ok(Ok((client, tokio::spawn(connection)))),
+    }
+}
+
+/// The decision log's whole lines, parsed.
+pub(super) fn read_decisions(log: &Path) -> Result<Vec<Value>, DemoError> {
+    let text = std::fs::read_to_string(log).map_err(DemoError::io(format!(
+        "cannot read the decision log {}",
+        log.display()
+    )))?;
+    // A line being appended right now may be incomplete; only whole lines count.
+    Ok(text
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
+/// The first line of `log` after its first `since` lines matching `pred`, waiting (bounded)
+/// for it.
+pub(super) async fn wait_for_line(
+    log: &Path,
+    since: usize,
+    pred: impl Fn(&Value) -> bool,
+) -> Option<Value> {
+    let deadline = Instant::now() + LOG_WAIT;
+    loop {
+        if let Ok(lines) = read_decisions(log) {
+            if let Some(line) = lines.into_iter().skip(since).find(|l| pred(l)) {
+                return Some(line);
             }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
         }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 
 /// A rustls client presenting `cert_pem`/`key_pem` and verifying the proxy against `ca_pem`
 /// (what libpq calls `sslmode=verify-full`).
-fn client_config(
+pub(super) fn client_config(
     ca_pem: &str,
     cert_pem: &str,
     key_pem: &str,
@@ -1024,7 +1044,7 @@ fn write_private(path: &Path, text: &str) -> Result<(), DemoError> {
     std::fs::rename(&tmp, path).map_err(DemoError::io(format!("cannot replace {}", path.display())))
 }
 
-fn step_err(step: &'static str, expected: &'static str, got: String) -> DemoError {
+pub(super) fn step_err(step: &'static str, expected: &'static str, got: String) -> DemoError {
     DemoError::Step {
         step,
         expected,
@@ -1034,7 +1054,7 @@ fn step_err(step: &'static str, expected: &'static str, got: String) -> DemoErro
 
 /// What a client was told, in one line: `FATAL 28000: message` for server errors, the error
 /// and its causes otherwise.
-fn describe(err: &tokio_postgres::Error) -> String {
+pub(super) fn describe(err: &tokio_postgres::Error) -> String {
     if let Some(db) = err.as_db_error() {
         return format!("{} {}: {}", db.severity(), db.code().code(), db.message());
     }
@@ -1052,7 +1072,7 @@ fn describe(err: &tokio_postgres::Error) -> String {
 }
 
 /// A decision line's key fields, as `key=value` pairs.
-fn summary(line: &Value) -> String {
+pub(super) fn summary(line: &Value) -> String {
     ["event", "decision", "alert", "rule", "reason", "db_user"]
         .iter()
         .map(|k| format!("{k}={}", text(&line[*k])))
@@ -1061,7 +1081,7 @@ fn summary(line: &Value) -> String {
 }
 
 /// A JSON value as plain text: strings unquoted, null as `-`.
-fn text(v: &Value) -> String {
+pub(super) fn text(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         Value::Null => "-".into(),
