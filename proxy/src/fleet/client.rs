@@ -36,6 +36,10 @@ pub async fn connect(
     let mut options = async_nats::ConnectOptions::new()
         .name(name)
         .require_tls(true)
+        // Only the servers [fleet] nats names: nats-server 2.9 sends its INFO (with the
+        // cluster's connect_urls) in plain text before TLS, so a discovered URL is the
+        // network's word, not the operator's.
+        .ignore_discovered_servers()
         .tls_client_config((*tls).clone())
         .connection_timeout(REQUEST_TIMEOUT)
         .request_timeout(Some(REQUEST_TIMEOUT))
