@@ -163,6 +163,26 @@ async fn a_token_is_refused_after_max_age() -> anyhow::Result<()> {
 
     let client = d.connect_with_password("alice", "alice", &token).await?;
     drop(client);
+
+    // Ctrl-C at the prompt cancels it and leaves the terminal as it was: echo and line
+    // editing back on (`stty` lists only the settings that differ from sane ones).
+    let cancelled = on_terminal(&format!("{command_line}; stty"), "MFA code:", || {
+        "\u{3}".to_owned()
+    })
+    .await?;
+    assert!(
+        cancelled
+            .screen
+            .contains("cancelled at the MFA code prompt"),
+        "{}",
+        cancelled.screen
+    );
+    assert!(
+        !cancelled.screen.contains("-echo") && !cancelled.screen.contains("-icanon"),
+        "the terminal was left without echo:\n{}",
+        cancelled.screen
+    );
+
     tokio::time::sleep(Duration::from_secs(4).saturating_sub(issued.elapsed())).await;
     let err = refused(
         d.connect_with_password("alice", "alice", &token).await,

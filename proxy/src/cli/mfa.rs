@@ -203,8 +203,16 @@ fn login(
     let tls = client_tls(cert, key, ca)?;
     let code = match code {
         Some(code) => code,
-        None => rpassword::prompt_password("MFA code: ")
-            .map_err(|_| anyhow!("no terminal to prompt for the MFA code on; pass --code CODE"))?,
+        None => {
+            super::secret_prompt::prompt_secret("MFA code: ").map_err(|err| match err.kind() {
+                std::io::ErrorKind::Interrupted => anyhow!("cancelled at the MFA code prompt"),
+                std::io::ErrorKind::UnexpectedEof => {
+                    anyhow!("no MFA code was typed (end of input); type it, or pass --code CODE")
+                }
+                std::io::ErrorKind::InvalidData => anyhow!("{err}; an MFA code is six digits"),
+                _ => anyhow!("no terminal to prompt for the MFA code on; pass --code CODE"),
+            })?
+        }
     };
     let url = stepup_url(url);
     let code = code.trim().to_owned();

@@ -51,4 +51,5 @@ pub mod mfa;
 pub mod policy;
 pub mod proxy;
 pub mod quickstart;
+mod secret_prompt;
 pub mod sessions;
